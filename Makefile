@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[torch,gguf,test]"
+	$(PY) -m pip install -q -e ".[torch,gguf,test,demo]"
 	touch $(STAMP)
 
 test: install

