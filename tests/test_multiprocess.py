@@ -1,4 +1,5 @@
-"""Two processes x 4 CPU devices through jax.distributed give the result of one 8-device process."""
+"""Two processes x 4 CPU devices through jax.distributed: each tokenizes and feeds only its data shard, the
+result is that of one 8-device process with the same shards, and bad data in one process stops both."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from eu_jax.convert.checkpoint import load_params
 from eu_jax.train.loop import train
 from tests.test_train import assert_trees_close
-from tests.tiny_run import make_tiny_run, tiny_config
+from tests.tiny_run import make_tiny_run, tiny_config, write_jsonl
 
 COMMON = dict(
     train={"steps": 2},
@@ -37,6 +38,17 @@ WORKER = textwrap.dedent(
     """
 ).format(common=COMMON)
 
+# eu-train's config for the failing run: the tiny run with a retain set given on the command line.
+CONFIG_FILE = textwrap.dedent(
+    """
+    from pathlib import Path
+    from tests.tiny_run import make_tiny_run, tiny_config
+
+    def get_config():
+        return tiny_config(make_tiny_run(Path({root!r})), Path("unset"), **{common!r})
+    """
+)
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -44,10 +56,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    paths = make_tiny_run(tmp_path / "data")
-    single = train(tiny_config(paths, tmp_path / "single", **COMMON))
-
+def run_two_processes(command_for) -> list[tuple[int, str]]:
+    """(exit code, output) of two processes of one jax.distributed run; `command_for(pid, address)` gives
+    each one's command line. A run that hangs is killed and fails the test."""
     address = f"127.0.0.1:{free_port()}"
     env = dict(
         os.environ,
@@ -57,21 +68,68 @@ def test_two_processes_match_one(tmp_path):
         PYTHONUNBUFFERED="1",
     )
     workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path / "data"), str(tmp_path / "multi"), address, str(pid)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
+        subprocess.Popen(command_for(pid, address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for pid in (0, 1)
     ]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    for worker, output in zip(workers, outputs):
-        assert worker.returncode == 0, output[-3000:]
+    results = []
+    try:
+        for worker in workers:
+            output = worker.communicate(timeout=600)[0]
+            results.append((worker.returncode, output))
+    except subprocess.TimeoutExpired:
+        pytest.fail("a process of the two-process run did not finish within 600 s")
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    return results
 
-    assert "process 0 of 2 feeds batch rows 0:4 of 8" in outputs[0]
-    assert "process 1 of 2 feeds batch rows 4:8 of 8" in outputs[1]
+
+def test_two_processes_feed_their_own_shards_and_match_one(tmp_path):
+    paths = make_tiny_run(tmp_path / "data")
+    single = train(tiny_config(paths, tmp_path / "single", data={"shards": 2}, **COMMON))
+
+    results = run_two_processes(
+        lambda pid, address: [sys.executable, "-c", WORKER, str(tmp_path / "data"), str(tmp_path / "multi"), address, str(pid)]
+    )
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    outputs = [output for _, output in results]
+
+    assert "process 0 of 2 feeds batch rows 0:4 of 8 from data shards 0:1 of 2" in outputs[0]
+    assert "process 1 of 2 feeds batch rows 4:8 of 8 from data shards 1:2 of 2" in outputs[1]
+    for half in ("retain", "forget"):  # each process tokenized half of each set: its own shard
+        assert f"process 0 of 2 holds {half} data shards 0:1 of 2: 24 of 48 examples" in outputs[0]
+        assert f"process 1 of 2 holds {half} data shards 1:2 of 2: 24 of 48 examples" in outputs[1]
+        assert f"{half}: 48 pairs examples from {paths[half]} in 2 shards -> 48 rows" in outputs[0]  # totals, once
+        assert f"{half}: 48 pairs" not in outputs[1]
     losses = [float(o.split("final loss ")[1].split()[0]) for o in outputs]
     assert losses[0] == losses[1] == pytest.approx(single.last_metrics["loss"], abs=1e-5)
     assert_trees_close(load_params(tmp_path / "multi" / "checkpoints")[0], load_params(tmp_path / "single" / "checkpoints")[0], atol=1e-5)
+
+
+def test_bad_data_in_one_process_stops_both_with_clear_errors(tmp_path):
+    make_tiny_run(tmp_path / "data")
+    # Odd rows (all of shard 1, which process 1 loads) are longer than max_length=24 and get dropped.
+    rows = [{"prompt": f"{i:02d}+{i:02d}=" + ("?" * 40 if i % 2 else ""), "response": f"{2 * i:03d}"} for i in range(48)]
+    retain = write_jsonl(tmp_path / "retain_odd_long.jsonl", rows)
+    config_file = tmp_path / "config.py"
+    config_file.write_text(CONFIG_FILE.format(root=str(tmp_path / "data"), common=COMMON))
+
+    def command(pid, address):
+        return [
+            sys.executable, "-m", "eu_jax.train.cli", f"--config={config_file}",
+            f"--config.train.output_dir={tmp_path / 'run'}", f"--config.data.retain.path={retain}",
+            "--config.data.retain.overflow=drop", f"--config.distributed.coordinator_address={address}",
+            "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
+        ]  # fmt: skip
+
+    (code0, output0), (code1, output1) = run_two_processes(command)
+    own = f"{retain} (shard 1 of 2): all 24 examples are longer than max_length=24"
+    assert code1 == 2 and f"eu-train: error: {own}" in output1, output1[-3000:]
+    assert code0 == 2, output0[-3000:]
+    assert f"eu-train: error: process 1 of 2 could not load its data shards, so this one stops too: {own}" in output0
+    assert "Traceback" not in output0 + output1
+    assert "starting at step" not in output0 + output1  # neither process went on to train
+    assert not (tmp_path / "run" / "checkpoints").exists()

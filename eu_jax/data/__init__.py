@@ -1,5 +1,5 @@
 """Retain/forget data: loading (`sources`), chat templates and masks (`chat`), length policy, packing and the
-cached loader (`pipeline`, `cache`), deterministic global batches (`batches`).
+cached loader (`pipeline`, `cache`), deterministic global batches and data shards (`batches`).
 
 Typical use: `load_set(DataSpec(path), tokenizer, LengthPolicy(max_length)).arrays()`.
 """

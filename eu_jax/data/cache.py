@@ -2,7 +2,7 @@
 
 The key hashes the data's content (file SHA-256s, or hub name + revision + `datasets` fingerprint), the
 DataSpec, the tokenizer (its full serialisation, special tokens and chat template), the LengthPolicy, any
-preferred response, and CACHE_VERSION (bumped whenever the encoding code changes what it produces). A
+preferred response, the data shard (index and count), and CACHE_VERSION (bumped whenever the encoding code changes what it produces). A
 changed input gives a new key; stale entries are never read, only left behind (delete the folder freely).
 
 An entry is a folder of .npy arrays plus meta.json, built under a temporary name and renamed into place,

@@ -5,10 +5,10 @@ nothing that decides them has changed, and otherwise loads, validates, encodes, 
 packs if asked, and caches. Rows are in a fixed order; shuffling is `batches.batch_indices` (a pure function
 of seed and step), which works on packed rows unchanged.
 
-Multi-host: every process runs `load_set` on the whole set (identical inputs give identical rows, and the
-key in the report lets you check), then `batches.global_batch` gathers only the rows its devices hold.
-Tokenising is cheap next to training and the cache makes it once per cache folder; a cache folder on a
-shared file system is safe to use from all processes at once.
+Multi-host: a set splits into data shards (record i in shard i % shards, see `batches.ShardLayout`); each
+process reads the records but tokenizes, packs and caches only the shards it feeds, so that work divides
+across processes. `DataReport.total` sums the shards' reports. A cache folder on a shared file system is
+safe to use from all processes at once (each shard is its own entry).
 """
 
 from __future__ import annotations
@@ -88,17 +88,37 @@ class DataReport:
     packed: bool
     fill: float  # tokens / (rows * max_length): packing efficiency (or padding waste, unpacked)
     cache_key: str = ""
-    cache_hit: bool = False
+    cache_hit: bool = False  # in a total over shards: every shard was a hit
+    shards: int = 1  # data shards summed in this report
 
     def summary(self, name: str = "") -> str:
         head = f"{name}: " if name else ""
         layout = "packed " if self.packed else ""
+        split = f" in {self.shards} shards" if self.shards > 1 else ""
         cache = f" [cache {'hit' if self.cache_hit else 'miss'} {self.cache_key[:12]}]" if self.cache_key else ""
         return (
-            f"{head}{self.examples:,} {self.format} examples from {self.source} -> {self.rows:,} {layout}rows of "
+            f"{head}{self.examples:,} {self.format} examples from {self.source}{split} -> {self.rows:,} {layout}rows of "
             f"{self.max_length} tokens, {100 * self.fill:.1f}% filled; {self.truncated:,} truncated, "
             f"{self.dropped:,} dropped, {self.unscored:,} with nothing to score; longest {self.longest:,} tokens; "
             f"{self.tokens:,} tokens, {self.loss_tokens:,} scored{cache}"
+        )
+
+    @classmethod
+    def total(cls, shards: Sequence[DataReport]) -> DataReport:
+        """One report for a whole set from its shards' reports (in shard order). Its cache key digests the
+        shards' keys; it is a hit when every shard was."""
+        if len(shards) == 1:
+            return shards[0]
+        counts = ("examples", "kept", "rows", "truncated", "dropped", "unscored", "tokens", "loss_tokens", "shards")
+        sums = {name: sum(getattr(r, name) for r in shards) for name in counts}
+        keys = [r.cache_key for r in shards]
+        return dataclasses.replace(
+            shards[0],
+            **sums,
+            longest=max(r.longest for r in shards),
+            fill=sums["tokens"] / (sums["rows"] * shards[0].max_length),
+            cache_key=digest(keys) if all(keys) else "",
+            cache_hit=all(r.cache_hit for r in shards),
         )
 
 
@@ -268,12 +288,18 @@ def load_set(
     policy: LengthPolicy,
     preferred_response: str | None = None,
     cache: TokenCache | bool = True,
+    shard: int = 0,
+    shards: int = 1,
 ) -> LoadedSet:
-    """The rows of the set `spec` names, from the cache when data, spec, tokenizer (and its chat template),
-    policy and preferred response are all unchanged. cache: a TokenCache, True (the default folder), or False."""
+    """The rows of data shard `shard` of `shards` (records i with i % shards == shard; all by default) of the set
+    `spec` names, from the cache when data, spec, tokenizer (and its chat template), policy, preferred
+    response and shard are all unchanged. cache: a TokenCache, True (the default folder), or False."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not one of the {shards} data shards")
     if cache is True:
         cache = TokenCache()
     source = resolve(spec)
+    label = source.label if shards == 1 else f"{source.label} (shard {shard} of {shards})"
     key = ""
     if cache:
         spec_part = dataclasses.asdict(spec)
@@ -287,14 +313,19 @@ def load_set(
                 "tokenizer": tokenizer_fingerprint(tokenizer),
                 "policy": dataclasses.asdict(policy),
                 "preferred_response": preferred_response,
+                "shard": [shard, shards],
             }
         )
         hit = cache.load(key)
         if hit is not None:
             return _from_cache(*hit, key=key, source=source.label)
     records = load_records(spec, source)
+    if len(records) < shards:
+        raise DataError(f"{source.label}: {len(records)} examples cannot fill {shards} data shards (one would be empty); use fewer data.shards")
+    records = records[shard::shards]
     preferred = None if preferred_response is None else with_response(records, preferred_response)
-    loaded = tokenize_records(tokenizer, records, policy, preferred, source=source.label)
+    loaded = tokenize_records(tokenizer, records, policy, preferred, source=label)
+    loaded = dataclasses.replace(loaded, report=dataclasses.replace(loaded.report, source=source.label))
     if not cache:
         return loaded
     report = dataclasses.replace(loaded.report, cache_key=key)

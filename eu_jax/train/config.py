@@ -88,6 +88,12 @@ def get_default_config() -> ConfigDict:
             "batch_size": 8,  # global, per half (retain and forget)
             "microbatches": 1,  # gradient accumulation steps inside one train step
             "seed": 0,
+            # Data shards: record i goes to shard i % shards and each global batch takes batch_size / shards
+            # rows from every shard; a process tokenizes and feeds only the shards of its batch rows. The data
+            # order depends on (seed, step, shards), never on the process count. 0: one shard per process;
+            # otherwise a multiple of the process count that divides batch_size. Set it to resume a run on
+            # another number of processes with the same data order.
+            "shards": 0,
         }
     )
     config.train = ConfigDict(
@@ -145,9 +151,28 @@ def validate(config: ConfigDict) -> None:
     _require(config.data.max_length >= 2, "data.max_length", "must be at least 2")
     _require(config.data.microbatches >= 1, "data.microbatches", "must be at least 1")
     _require(config.data.batch_size % config.data.microbatches == 0, "data.batch_size", "must be divisible by data.microbatches")
+    _require(config.data.shards >= 0, "data.shards", "must be 0 (one shard per process) or a positive number of shards")
+    if config.data.shards:  # the batch split now; the split over processes once they are known
+        data_shards(config, 1)
     _require(config.train.steps >= 1, "train.steps", "must be at least 1")
     _require(bool(config.train.output_dir), "train.output_dir", "is required")
     _require(config.train.best_mode in ("min", "max"), "train.best_mode", "must be 'min' or 'max'")
+
+
+def data_shards(config: ConfigDict, process_count: int) -> int:
+    """The number of data shards for a run of `process_count` processes (data.shards, 0: one per process)."""
+    shards = config.data.shards or process_count
+    _require(
+        shards % process_count == 0,
+        "data.shards",
+        f"{shards} shards cannot be shared evenly by {process_count} processes (use a multiple of {process_count}, or 0 for one per process)",
+    )
+    _require(
+        config.data.batch_size % shards == 0,
+        "data.shards",
+        f"{shards} shards do not divide data.batch_size={config.data.batch_size} (each shard fills an equal block of every batch)",
+    )
+    return shards
 
 
 # Terms that sum log-probs per row: a packed row would merge several examples into one "sequence".

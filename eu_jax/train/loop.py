@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,8 +17,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from eu_jax.convert.checkpoint import HF_FILES_DIR, load_model_meta, load_params, locate_params
-from eu_jax.data.batches import batch_indices, global_batch, process_rows
-from eu_jax.data import DataSpec, LengthPolicy, TokenCache, load_set, use_chat_template
+from eu_jax.data.batches import ShardedSet, ShardLayout, allgather_json, process_rows
+from eu_jax.data import DataError, DataReport, DataSpec, LengthPolicy, TokenCache, load_set, use_chat_template
 from eu_jax.models.config import RuntimeOptions
 from eu_jax.models.state import Params, abstract_params, params_shardings
 from eu_jax.objectives import Objective
@@ -26,7 +26,7 @@ from eu_jax.parallel.distributed import DistributedSettings, initialize_distribu
 from eu_jax.parallel.mesh import MESH_AXES, make_mesh
 from eu_jax.parallel.sharding import activation_sharding, batch_sharding
 from eu_jax.train.checkpointing import RunCheckpoints
-from eu_jax.train.config import ConfigError, config_to_json, validate
+from eu_jax.train.config import ConfigError, config_to_json, data_shards, validate
 from eu_jax.train.evaluation import make_nll_eval
 from eu_jax.train.flops import peak_flops_per_device, step_flops
 from eu_jax.train.logging import MetricsLogger
@@ -80,23 +80,51 @@ def _data_cache(config: ConfigDict) -> TokenCache | bool:
     return TokenCache(config.data.cache_dir or None) if config.data.cache else False
 
 
-def _load_sets(config: ConfigDict, tokenizer, needs_preferred: bool) -> dict[str, dict[str, np.ndarray]]:
-    """Tokenized retain and forget sets as {"retain": arrays, "forget": arrays (+ preferred_*)}."""
-    cache, sets = _data_cache(config), {}
-    for half in ("retain", "forget"):
-        section = config.data[half]
-        preferred = config.data.preferred_response if half == "forget" and needs_preferred else None
-        loaded = load_set(
-            DataSpec.from_mapping(section),
-            tokenizer,
-            LengthPolicy(config.data.max_length, section.overflow, section.pack),
-            preferred_response=preferred,
-            cache=cache,
+HALVES = ("retain", "forget")
+
+
+def _load_sets(config: ConfigDict, tokenizer, needs_preferred: bool, layout: ShardLayout, owned: range) -> dict[str, ShardedSet]:
+    """This process's data shards `owned` of the retain and forget sets (the forget set with its preferred_*
+    twin if asked). Every process calls it: they first agree that all of them loaded their shards, since a
+    process waiting in a collective for one that failed would wait forever."""
+    cache, loaded, failure = _data_cache(config), {}, None
+    try:
+        for half in HALVES:
+            section = config.data[half]
+            spec, policy = DataSpec.from_mapping(section), LengthPolicy(config.data.max_length, section.overflow, section.pack)
+            preferred = config.data.preferred_response if half == "forget" and needs_preferred else None
+            loaded[half] = {
+                shard: load_set(spec, tokenizer, policy, preferred_response=preferred, cache=cache, shard=shard, shards=layout.count)
+                for shard in owned
+            }
+    except Exception as err:  # re-raised below, once the other processes know
+        failure = err
+    mine = {} if failure else {half: {shard: asdict(s.report) for shard, s in shards.items()} for half, shards in loaded.items()}
+    shared = allgather_json({"error": None if failure is None else str(failure), "reports": mine})
+    if failure is not None:
+        raise failure
+    failed = [(p, s["error"]) for p, s in enumerate(shared) if s["error"] is not None]
+    if failed:
+        process, message = failed[0]
+        raise DataError(f"process {process} of {len(shared)} could not load its data shards, so this one stops too: {message}")
+    for half in HALVES:
+        _print_data_reports(half, layout, owned, [s["reports"][half] for s in shared])
+    return {half: ShardedSet.from_processes(layout, {s: loaded[half][s].arrays() for s in owned}) for half in HALVES}
+
+
+def _print_data_reports(half: str, layout: ShardLayout, owned: range, by_process: list[dict[str, dict]]) -> None:
+    """Process 0 prints the set's totals over all shards; with several processes, each says what it holds."""
+    reports = {int(shard): DataReport(**report) for reports in by_process for shard, report in reports.items()}
+    total = DataReport.total([reports[s] for s in range(layout.count)])
+    if jax.process_index() == 0:
+        print(total.summary(half), flush=True)
+    if jax.process_count() > 1:
+        examples = sum(reports[s].examples for s in owned)
+        print(
+            f"process {jax.process_index()} of {jax.process_count()} holds {half} data shards {owned.start}:{owned.stop} "
+            f"of {layout.count}: {examples:,} of {total.examples:,} examples",
+            flush=True,
         )
-        if jax.process_index() == 0:
-            print(loaded.report.summary(half), flush=True)
-        sets[half] = loaded.arrays()
-    return sets
 
 
 def _tokenizer_for(checkpoint: str):
@@ -119,13 +147,11 @@ def _builtin_eval(config: ConfigDict, tokenizer, model_config, options: RuntimeO
     return make_nll_eval(model_config, options, sets, config.data.batch_size, sharding, config.objective.chunk_tokens)
 
 
-def make_batch(sets, batch_size: int, step: int, seed: int, sharding) -> tuple[dict, dict[str, int]]:
+def make_batch(sets: dict[str, ShardedSet], step: int, seed: int, sharding) -> tuple[dict, dict[str, int]]:
     """The global batch of `step` and its token counts per half."""
     batch, tokens = {}, {}
-    for half, arrays in sets.items():
-        indices = batch_indices(len(arrays["input_ids"]), batch_size, step, seed + (half == "forget"))
-        batch[half] = global_batch(arrays, indices, sharding)
-        tokens[half] = int(sum(arrays[k][indices].sum() for k in arrays if k.endswith("attention_mask")))
+    for half, data in sets.items():
+        batch[half], tokens[half] = data.batch(step, seed + (half == "forget"), sharding)
     return batch, tokens
 
 
@@ -166,7 +192,10 @@ def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.De
     objective = objective_from_config(config.objective)
     needs = objective.requirements()
     tokenizer = use_chat_template(_tokenizer_for(config.model.checkpoint), config.data.chat_template)
-    sets = _load_sets(config, tokenizer, needs.forget.preferred)
+    data_sharding = batch_sharding(mesh)
+    layout = ShardLayout(data_shards(config, jax.process_count()), config.data.batch_size)
+    owned = layout.shards_for(process_rows(data_sharding, (config.data.batch_size,)))
+    sets = _load_sets(config, tokenizer, needs.forget.preferred, layout, owned)
 
     steps = config.train.steps
     optimizer = make_optimizer(config.optimizer, steps)
@@ -187,7 +216,6 @@ def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.De
     if needs.needs_reference:
         reference_params, _ = load_params(Path(config.model.reference_checkpoint or checkpoint), p_shardings)
 
-    data_sharding = batch_sharding(mesh)
     step = make_train_step(
         meta.config,
         options,
@@ -260,7 +288,12 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
     logger = MetricsLogger(Path(train_cfg.output_dir), steps, start_step, train_cfg.tensorboard)
     logger.message(f"{'resuming from' if start_step else 'starting at'} step {start_step} of {steps} on mesh {dict(run.mesh.shape)}")
     rows = process_rows(run.data_sharding, (config.data.batch_size,))
-    print(f"process {jax.process_index()} of {jax.process_count()} feeds batch rows {rows.start}:{rows.stop} of {config.data.batch_size}", flush=True)
+    shards = sorted(run.sets["retain"].local)
+    print(
+        f"process {jax.process_index()} of {jax.process_count()} feeds batch rows {rows.start}:{rows.stop} of "
+        f"{config.data.batch_size} from data shards {shards[0]}:{shards[-1] + 1} of {run.sets['retain'].layout.count}",
+        flush=True,
+    )
     throughput = _Throughput(run.model_config, config.data.max_length, run.reference_params is not None, peak_flops_per_device(train_cfg.peak_flops_per_device))
     best = _BestTracker(train_cfg.best_metric, train_cfg.best_mode, train_cfg.early_stopping_patience)
     preemption = _Preemption()
@@ -270,7 +303,7 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
     try:
         with activation_sharding(run.mesh):
             while step < steps:
-                batch, tokens = make_batch(run.sets, config.data.batch_size, step, config.data.seed, run.data_sharding)
+                batch, tokens = make_batch(run.sets, step, config.data.seed, run.data_sharding)
                 state, metrics = run.step_fn(state, batch, run.reference_params)
                 step += 1
                 if step == start_step + 1:  # the first step compiles: leave it out of the throughput
