@@ -1,0 +1,1 @@
+"""Evaluation: metrics, judges and runners for unlearning."""
