@@ -1,0 +1,68 @@
+"""Teacher-forced eval statistics vs transformers' PyTorch model; greedy answers independent of batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from eu_jax.data import Encoder, Record
+from eu_jax.eval.model import EvalModel
+from eu_jax.eval.scoring import response_scores, score_records
+from eu_jax.parallel.mesh import make_mesh, single_device_mesh
+from tests.tiny_run import make_tiny_run
+
+TEXTS = ["short", "a somewhat longer text of many characters", "mid-size line!", "x" * 70, "q"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("eval_scoring"))
+
+
+def torch_sums(hf_dir, encoded):
+    """Per-example NLL, KL(U||p) and entropy sums over scored targets, computed in PyTorch."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval()
+    rows = []
+    for enc in encoded:
+        with torch.no_grad():
+            logits = model(torch.tensor(enc.ids[None].astype(np.int64))).logits[0, :-1]
+        logp = torch.log_softmax(logits, -1).numpy()
+        targets, mask = enc.ids[1:], enc.loss[1:].astype(bool)
+        nll = -logp[np.arange(len(targets)), targets]
+        kl = -np.log(logp.shape[-1]) - logp.mean(-1)
+        ent = -(np.exp(logp) * logp).sum(-1)
+        rows.append([nll[mask].sum(), kl[mask].sum(), ent[mask].sum(), mask.sum()])
+    return np.array(rows).T
+
+
+@pytest.mark.parametrize("mesh_spec", [None, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_scores_match_pytorch(tiny, mesh_spec):
+    mesh = single_device_mesh() if mesh_spec is None else make_mesh(mesh_spec)
+    model = EvalModel.load(tiny["ckpt"], mesh)
+    records = [Record(where=f"t{i}", text=t) for i, t in enumerate(TEXTS)]
+    scores = score_records(model, records, batch_size=2)  # several batches and widths, a ragged last one
+    expected = torch_sums(tiny["ckpt"].parent / "hf", Encoder(model.tokenizer).encode_many(records))
+    np.testing.assert_allclose(scores.tokens, expected[3])
+    for i, name in enumerate(("nll", "kl_uniform", "entropy")):
+        np.testing.assert_allclose(getattr(scores, name), expected[i], rtol=2e-4, atol=1e-3, err_msg=name)
+    assert scores.token_mean("nll") == pytest.approx(expected[0].sum() / expected[3].sum(), rel=2e-4)
+    assert np.all(scores.kl_uniform > 0) and np.all(scores.entropy < scores.tokens * np.log(256))
+
+
+def test_response_scores_count_only_the_response(tiny):
+    model = EvalModel.load(tiny["ckpt"], single_device_mesh())
+    a = response_scores(model, ["Who is 01?", "a much longer prompt than the other one"], ["Person 01.", "Person 01."])
+    # The char tokenizer has no template: [BOS] prompt response EOS, scoring the response and EOS.
+    np.testing.assert_array_equal(a.tokens, [len("Person 01.") + 1] * 2)
+    assert a.perplexity()[0] != pytest.approx(a.perplexity()[1])  # the prompt conditions the response
+
+
+def test_answers_do_not_depend_on_batching(tiny):
+    model = EvalModel.load(tiny["ckpt"], make_mesh({"data": 2, "fsdp": 4}))
+    prompts = ["01+01=", "Who is 07?", "a longer prompt, to pad others", "5"]
+    together = model.answer(prompts, max_new_tokens=6, batch_size=3)
+    alone = [model.answer([p], max_new_tokens=6)[0] for p in prompts]
+    assert together == alone
+    assert any(together)  # a random model still writes something
