@@ -363,6 +363,7 @@ def self_generate(
     import jax
 
     out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     p = jax.process_index() if process_index is None else process_index
     n_proc = jax.process_count() if process_count is None else process_count
     if not 0 <= p < n_proc:

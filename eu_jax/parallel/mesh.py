@@ -69,3 +69,12 @@ def parse_mesh_spec(text: str) -> dict[str, int]:
             raise ValueError(f"mesh spec '{text}' is not of the form axis=size,... (e.g. data=1,fsdp=-1)")
         spec[axis.strip()] = int(size)
     return spec
+
+
+def mesh_from_config(section: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of a config's `mesh` section: ICI sizes `data`/`fsdp`/`tensor`, DCN sizes `dcn_<axis>`."""
+    return make_mesh(
+        {axis: section[axis] for axis in MESH_AXES},
+        devices,
+        dcn_spec={axis: section.get(f"dcn_{axis}", 1) for axis in MESH_AXES},
+    )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
+
+from eu_jax.flag_parsing import one_line_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an ml_collections config file (see configs/)", lock_config=True)
 
@@ -28,20 +30,8 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, but a bad --config.key ends in one sentence instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except AttributeError as err:  # ml_collections: the key does not exist; its message is a repr
-        detail = str(err).replace("\\n", ". ").replace("\\", "").replace("'", "").strip()
-        print(f"eu-train: error: unknown config key {detail}", file=sys.stderr)
-    except flags.Error as err:
-        print(f"eu-train: error: {err}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main() -> None:
-    app.run(_run, flags_parser=_parse_flags)
+    app.run(_run, flags_parser=one_line_errors("eu-train"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from eu_jax.models.config import RuntimeOptions
 from eu_jax.models.state import Params, abstract_params, params_shardings
 from eu_jax.objectives import Objective
 from eu_jax.parallel.distributed import DistributedSettings, initialize_distributed
-from eu_jax.parallel.mesh import MESH_AXES, make_mesh
+from eu_jax.parallel.mesh import mesh_from_config
 from eu_jax.parallel.sharding import activation_sharding, batch_sharding
 from eu_jax.train.checkpointing import RunCheckpoints
 from eu_jax.train.config import ConfigError, config_to_json, data_shards, validate
@@ -174,11 +174,7 @@ class _Run:
 def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.Device] | None) -> _Run:
     validate(config)
     initialize_distributed(DistributedSettings(**config.distributed))
-    mesh = make_mesh(
-        {axis: config.mesh[axis] for axis in MESH_AXES},
-        devices,
-        dcn_spec={axis: config.mesh[f"dcn_{axis}"] for axis in MESH_AXES},
-    )
+    mesh = mesh_from_config(config.mesh, devices)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_rows = config.data.batch_size // config.data.microbatches
     if micro_rows % data_parallel:
