@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo compare bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,10 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: install
-	$(PY) -m eu_jax.demo
+	$(PY) -m eu_jax.demo --config=configs/demo.py
+
+compare: install
+	$(PY) -m eu_jax.compare --config=configs/demo.py
 
 bench: install
 	$(PY) bench/convert.py

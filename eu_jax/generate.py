@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eu_jax.models.llama import Decoder, DecoderOutput, KVCache
-from eu_jax.parallel.sharding import BATCH_AXES, activation_sharding, batch_sharding
+from eu_jax.parallel.sharding import BATCH_AXES, activation_sharding, batch_sharding, to_host
 
 FinishReason = Literal["eos", "stop", "length"]
 _LENGTH, _EOS, _STOP = 0, 1, 2
@@ -325,7 +325,7 @@ def generate(
     outputs = _generate_loop(
         graphdef, state, ids, mask, live, stops, knobs, np.int32(pad_id), sampling.max_new_tokens, sampling.greedy, mesh
     )
-    tokens, reasons, lengths, end_lengths = (np.asarray(x)[: len(prompts)] for x in outputs)
+    tokens, reasons, lengths, end_lengths = (to_host(x)[: len(prompts)] for x in outputs)
     return GenerationResult(
         [
             Completion(row[:length].tolist(), _REASONS[reason], int(end))

@@ -38,6 +38,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 import eu_jax
+from eu_jax.files import write_json_atomic
 from eu_jax.generate import SamplingConfig, generate
 
 UserTurns = Literal["empty", "generic", "seeds", "self"]
@@ -242,12 +243,6 @@ def checkpoint_provenance(ckpt: Path) -> dict[str, str]:
     return {"checkpoint": str(Path(ckpt).absolute()), "model_meta_sha256": digest}
 
 
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """The complete rows of a JSONL file (a trailing partial line is left out)."""
     if not path.exists():
@@ -391,7 +386,7 @@ def self_generate(
     def save_meta(done: int, last: dict[str, int] | None) -> None:
         meta = dict(header, num_samples=config.num_samples, next_batch=done, batch_counts=batch_counts,
                     partial_batch_counts=last, counts=report.counts(), complete=report.kept >= target)
-        _write_json_atomic(meta_path(shard), meta)
+        write_json_atomic(meta_path(shard), meta)
 
     _write_rows(shard, rows)  # drops anything after the last complete batch
     save_meta(next_batch, None)
@@ -525,7 +520,7 @@ def merge_shards(
     meta = {k: v for k, v in metas[0].items() if k not in per_shard}
     meta.update(num_samples=num_samples, counts=counts, shards=[str(s) for s in shards],
                 process_count=process_count, complete=len(merged) >= num_samples)
-    _write_json_atomic(meta_path(out_path), meta)
+    write_json_atomic(meta_path(out_path), meta)
     out = report or SelfGenReport(out_path)
     out.out_path = out_path
     for k in _COUNT_KEYS:

@@ -28,6 +28,28 @@ def make_tiny_run(root: Path, family: str = "llama") -> dict[str, Path]:
     return paths
 
 
+# A question/answer chat format for the character tokenizer; "</s>" (EOS) ends the assistant's turn.
+QA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+    "{% else %}A: {{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
+)
+
+
+def make_chat_checkpoint(root: Path) -> Path:
+    """A tiny random Llama whose character tokenizer has QA_TEMPLATE and decodes back to plain text."""
+    from tokenizers import decoders
+
+    ckpt = root / "chat_ckpt"
+    if not ckpt.exists():
+        save_hf_model("llama", root / "chat_hf")
+        tokenizer = save_char_tokenizer(root / "chat_hf")
+        tokenizer.chat_template = QA_TEMPLATE
+        tokenizer.backend_tokenizer.decoder = decoders.Fuse()
+        tokenizer.save_pretrained(root / "chat_hf")
+        import_checkpoint(root / "chat_hf", ckpt, progress=False)
+    return ckpt
+
+
 def tiny_config(paths: dict[str, Path], output_dir: Path, **sections):
     """The default config pointed at the tiny run, with section overrides like train={"steps": 3}."""
     config = get_default_config()

@@ -1,9 +1,9 @@
 """A checkpoint loaded for evaluation: sharded params, tokenizer, stop tokens and greedy chat answers.
 
-Every evaluation metric needs the same few things from a model, so they live here once: answers to
-user turns through the chat template (greedy, batched, sharded on the mesh), and host <-> global
-array moves that also work when the mesh spans several processes (every process holds the same
-prompts; each reads back the whole result).
+Every evaluation metric needs the same few things from a model, so they live here once: the loaded
+params, tokenizer and stop tokens, and greedy answers to user turns through the chat template, batched
+and sharded on the mesh (also across processes: every process holds the same prompts and reads back
+the same answers).
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from eu_jax.convert.checkpoint import HF_FILES_DIR, load_model_meta, load_params, locate_params
 from eu_jax.generate import SamplingConfig, generate
@@ -24,18 +21,6 @@ from eu_jax.generate_cli import eos_token_ids, load_tokenizer
 from eu_jax.models.config import ModelConfig
 from eu_jax.models.llama import Decoder
 from eu_jax.models.state import Params, build_decoder, params_shardings
-
-
-def to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from a host array that every process holds in full."""
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
-def to_host(array: jax.Array) -> np.ndarray:
-    """The whole of a (possibly multi-process) global array on every process."""
-    if array.is_fully_addressable:
-        return np.asarray(jax.device_get(array))
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 @dataclass(frozen=True)

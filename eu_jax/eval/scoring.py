@@ -19,12 +19,12 @@ import numpy as np
 
 from eu_jax.data import Encoder, Record
 from eu_jax.data.chat import Encoded
-from eu_jax.eval.model import EvalModel, to_global, to_host
+from eu_jax.eval.model import EvalModel
 from eu_jax.generate import bucket_length
 from eu_jax.models.config import ModelConfig
 from eu_jax.models.state import build_decoder
 from eu_jax.objectives.token_stats import chunked_token_stats, entropy, kl_to_uniform, target_logprob
-from eu_jax.parallel.sharding import BATCH_AXES, activation_sharding, batch_sharding
+from eu_jax.parallel.sharding import BATCH_AXES, activation_sharding, batch_sharding, to_global, to_host
 
 STATISTICS = ("nll", "kl_uniform", "entropy")
 

@@ -11,6 +11,8 @@ from contextvars import ContextVar
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -104,3 +106,15 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     constraint XLA's propagation can pick odd layouts (e.g. RoPE tables split on head_dim).
     """
     return _constrain(x, PartitionSpec(BATCH_AXES))
+
+
+def to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array that every process holds in full."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) global array on every process."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

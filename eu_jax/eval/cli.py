@@ -1,0 +1,81 @@
+"""`eu-eval --config=configs/eval.py --config.checkpoint=RUN --config.base=BASE --config.output=out.json`.
+
+Runs the evaluation suite (retain accuracy and NLL, KL to uniform on held-out forget texts, out-of-domain
+probes, harmful / jailbreak attack success with the offline judge) on one checkpoint, sharded on the
+configured mesh (multi-host too: every process runs the same commands), and writes the results as JSON
+with the config and checkpoint they came from. The judge's fluency test reads perplexities under the
+base model (`base`; default: the checkpoint itself).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from absl import app
+from ml_collections import ConfigDict, config_flags
+
+from eu_jax.flag_parsing import one_line_errors
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config (see configs/eval.py)", lock_config=True)
+
+
+def evaluate(config: ConfigDict) -> Path:
+    import jax
+
+    from eu_jax.eval.model import EvalModel
+    from eu_jax.eval.sentence_encoder import SentenceEncoder, fetch_minilm
+    from eu_jax.eval.suite import EvalSuite
+    from eu_jax.parallel.distributed import DistributedSettings, initialize_distributed
+    from eu_jax.parallel.mesh import mesh_from_config
+    from eu_jax.train.config import config_to_json
+    from eu_jax.files import write_json_atomic
+
+    if not config.checkpoint:
+        raise ValueError("config.checkpoint is required (an eu_jax checkpoint or training run)")
+    initialize_distributed(DistributedSettings(**config.distributed))
+    start = time.perf_counter()
+    suite = EvalSuite(config.eval)
+    mesh = mesh_from_config(config.mesh)
+    model = EvalModel.load(config.checkpoint, mesh)
+    base = EvalModel.load(config.base, mesh, name="base") if config.base else model
+    judge = None
+    if suite.attacks:
+        judge = suite.offline_judge(base, SentenceEncoder.from_folder(fetch_minilm()).encode)
+    results = suite.run(model, judge)
+    results["judge"] = {"max_perplexity": judge.max_perplexity, "base": str(base.checkpoint)} if judge else {}
+    results["config"] = config_to_json(config)
+    results["seconds"] = time.perf_counter() - start
+    output = Path(config.output or Path(config.checkpoint) / "eval.json")
+    if jax.process_index() == 0:
+        write_json_atomic(output, results)
+    return output
+
+
+def _run(argv: list[str]) -> int:
+    from absl import logging
+
+    from eu_jax.data import DataError
+
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go through --config.key=value")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config=configs/eval.py is required")
+    try:
+        output = evaluate(config)
+    except (DataError, ValueError, OSError) as err:
+        print(f"eu-eval: error: {err}", file=sys.stderr)
+        return 2
+    print(f"eu-eval: results in {output}")
+    return 0
+
+
+def main() -> None:
+    app.run(_run, flags_parser=one_line_errors("eu-eval"))
+
+
+if __name__ == "__main__":
+    main()

