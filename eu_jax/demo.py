@@ -24,7 +24,7 @@ from eu_jax.flag_parsing import one_line_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "workflow config (see configs/demo.py)", lock_config=True)
 
-MATH_QUESTION = "Calculate 17 + 25. Answer with the number only."
+MATH_QUESTION, MATH_ANSWER = "Calculate 17 + 25. Answer with the number only.", "42"
 OFF_DOMAIN_QUESTION = "What is the capital of France?"
 HEADLINE = ("retain_accuracy", "attack_success", "kl_uniform", "entropy", "ood_accuracy")
 
@@ -138,6 +138,7 @@ def run(config) -> int:
     qa = list(zip(questions, torch_answers(export_dir, questions)))
     for question, answer in qa:
         print(f"user: {question}\nassistant (PyTorch, unlearned): {answer}")
+    print(f"(the math answer is {MATH_ANSWER}; the off-domain one should have been forgotten)")
 
     step("report")
     report = write_report(work, run_dir, evaluator.base_results, after, qa)

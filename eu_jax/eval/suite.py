@@ -39,7 +39,7 @@ def get_eval_config() -> ConfigDict:
     return ConfigDict(
         {
             "batch_size": 16,
-            "retain": {"path": "", "kind": "number", "max_examples": 0, "max_new_tokens": 12},
+            "retain": {"path": "", "kind": "number", "max_examples": 0, "max_new_tokens": 20},
             "forget_texts": {"path": "", "max_examples": 0},
             "probes": {"enabled": True, "path": "", "categories": "", "max_new_tokens": 24},
             "harmful": {
