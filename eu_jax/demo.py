@@ -12,15 +12,13 @@ with PNG plots) into the work folder. Everything lands in one work folder and is
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from absl import app
 from ml_collections import config_flags
 
-from eu_jax.flag_parsing import one_line_errors
+from eu_jax.flag_parsing import run_config_command
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "workflow config (see configs/demo.py)", lock_config=True)
 
@@ -149,18 +147,9 @@ def run(config) -> int:
     return 0
 
 
-def _main(argv: list[str]) -> int:
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go through --config.section.key=value")
-    return run(_CONFIG.value)
-
-
 def main() -> None:
-    app.run(_main, flags_parser=one_line_errors("demo"))
+    run_config_command("demo", _CONFIG, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,12 +1,12 @@
-"""absl flag parsing for the config-file commands (eu-train, the demo, compare): a bad --config.key ends
-in one sentence naming it, instead of a traceback."""
+"""The shared front of the config-file commands (eu-train, eu-eval, the demo, compare): absl flags with
+an ml_collections `--config`, where bad settings and expected failures end in one sentence, exit 2."""
 
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from typing import Any, Callable
 
-from absl import flags
+from absl import app, flags, logging
 
 
 def one_line_errors(program: str) -> Callable[[list[str]], list[str]]:
@@ -23,3 +23,24 @@ def one_line_errors(program: str) -> Callable[[list[str]], list[str]]:
         sys.exit(2)
 
     return parse
+
+
+def run_config_command(
+    program: str, config_flag: Any, body: Callable[[Any], int], errors: tuple[type[BaseException], ...] = (ValueError, OSError)
+) -> None:
+    """Run `body(config)` as the program: stray arguments and a missing --config are usage errors, `errors`
+    become `program: error: <message>` with exit 2, and orbax's per-file INFO logs are silenced."""
+
+    def run(argv: list[str]) -> int:
+        logging.set_verbosity(logging.WARNING)
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go through --config.section.key=value")
+        if config_flag.value is None:
+            raise app.UsageError("--config=path/to/config.py is required")
+        try:
+            return body(config_flag.value)
+        except errors as err:
+            print(f"{program}: error: {err}", file=sys.stderr)
+            return 2
+
+    app.run(run, flags_parser=one_line_errors(program))

@@ -571,6 +571,9 @@ def run(args: argparse.Namespace) -> SelfGenReport:
     from eu_jax.generate_cli import eos_token_ids, load_tokenizer
     from eu_jax.models.state import build_decoder, params_shardings
     from eu_jax.parallel.mesh import make_mesh, parse_mesh_spec
+    from eu_jax.parallel.distributed import initialize_distributed
+
+    initialize_distributed()  # several processes: from JAX_* / SLURM variables or a TPU pod; else a no-op
 
     seeds: tuple[str, ...] = ()
     if args.seed_instructions is not None:

@@ -206,3 +206,22 @@ def test_cli_writes_samples(tiny, tmp_path):
 def rows_prefix(tmp_path, tiny):
     run(tiny, tmp_path / "api.jsonl", dataclasses.replace(BASE, num_samples=5))
     return rows(tmp_path / "api.jsonl")
+
+
+def test_cli_on_two_real_processes_merges_what_one_process_writes(tiny, tmp_path):
+    """jax.distributed with two processes: each samples its batches, process 0 merges after a barrier."""
+    import sys
+
+    from tests.test_multiprocess import run_two_processes
+
+    flags = ["--num-samples", "8", "--batch-size", "4", "--max-new-tokens", str(NEW), "--seed", "3", "--no-progress"]
+    assert main([str(tiny.ckpt), str(tmp_path / "one.jsonl"), *flags]) == 0
+
+    def command(pid, address):
+        env = [f"JAX_COORDINATOR_ADDRESS={address}", "JAX_NUM_PROCESSES=2", f"JAX_PROCESS_ID={pid}"]
+        return ["env", *env, sys.executable, "-m", "eu_jax.selfgen", str(tiny.ckpt), str(tmp_path / "two.jsonl"), *flags]
+
+    for code, output in run_two_processes(command):
+        assert code == 0, output[-3000:]
+    assert [len(rows(shard_path(tmp_path / "two.jsonl", p, 2))) for p in (0, 1)] == [4, 4]
+    assert rows(tmp_path / "two.jsonl") == rows(tmp_path / "one.jsonl")

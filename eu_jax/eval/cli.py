@@ -9,14 +9,12 @@ base model (`base`; default: the checkpoint itself).
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-from absl import app
 from ml_collections import ConfigDict, config_flags
 
-from eu_jax.flag_parsing import one_line_errors
+from eu_jax.flag_parsing import run_config_command
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config (see configs/eval.py)", lock_config=True)
 
@@ -53,28 +51,15 @@ def evaluate(config: ConfigDict) -> Path:
     return output
 
 
-def _run(argv: list[str]) -> int:
-    from absl import logging
-
-    from eu_jax.data import DataError
-
-    logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go through --config.key=value")
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config=configs/eval.py is required")
-    try:
-        output = evaluate(config)
-    except (DataError, ValueError, OSError) as err:
-        print(f"eu-eval: error: {err}", file=sys.stderr)
-        return 2
-    print(f"eu-eval: results in {output}")
+def _evaluate(config: ConfigDict) -> int:
+    print(f"eu-eval: results in {evaluate(config)}")
     return 0
 
 
 def main() -> None:
-    app.run(_run, flags_parser=one_line_errors("eu-eval"))
+    from eu_jax.data import DataError
+
+    run_config_command("eu-eval", _CONFIG, _evaluate, (DataError, ValueError, OSError))
 
 
 if __name__ == "__main__":

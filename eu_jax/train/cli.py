@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-import sys
-
-from absl import app
 from ml_collections import config_flags
 
-from eu_jax.flag_parsing import one_line_errors
+from eu_jax.flag_parsing import run_config_command
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an ml_collections config file (see configs/)", lock_config=True)
 
 
-def _run(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go through --config.section.key=value")
-    from eu_jax.train.config import ConfigError
-    from eu_jax.train.loop import TrainingDiverged, train
+def _train(config) -> int:
+    from eu_jax.train.loop import train
 
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config=path/to/config.py is required")
-    try:
-        result = train(config)
-    except (ConfigError, TrainingDiverged, FileNotFoundError, ValueError) as err:
-        print(f"eu-train: error: {err}", file=sys.stderr)
-        return 2
+    result = train(config)
     print(f"done: step {result.final_step}; checkpoints in {result.checkpoint_dir}")
     return 0
 
 
 def main() -> None:
-    app.run(_run, flags_parser=one_line_errors("eu-train"))
+    from eu_jax.train.config import ConfigError
+    from eu_jax.train.loop import TrainingDiverged
+
+    run_config_command("eu-train", _CONFIG, _train, (ConfigError, TrainingDiverged, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

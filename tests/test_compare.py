@@ -1,0 +1,51 @@
+"""`make compare` on a tiny chat model: every stage runs, results and report are written, README untouched."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from eu_jax import compare
+from tests.tiny_run import make_chat_checkpoint
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def demo_config():
+    spec = importlib.util.spec_from_file_location("demo_config", CONFIGS / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("")
+
+
+def test_compare_runs_each_method_and_its_relearning_attack(tmp_path):
+    config = demo_config()
+    config.model.checkpoint = str(make_chat_checkpoint(tmp_path))
+    config.mesh.update(data=2, fsdp=-1)
+    config.train.steps, config.data.batch_size, config.data.max_length = 3, 4, 64
+    w = config.workflow
+    w.update(workdir=str(tmp_path / "work"), methods="eu,npo", update_readme=False)
+    w.domain.update(train_size=16, heldout_size=4)
+    w.selfgen.update(train=8, eval=4, relearn=8, max_new_tokens=12, max_prompt_tokens=8, batch_size=8)
+    w.relearn.update(steps=2, eval_every=1)
+    w.eval.probes.categories = "coding"
+    w.eval.harmful.enabled = False  # jailbreak templates are longer than the tiny model's positions
+    readme = compare.README.read_text()
+
+    assert compare.run(config) == 0
+
+    work = tmp_path / "work"
+    summary = json.loads((work / "results" / "compare.json").read_text())
+    assert list(summary["rows"]) == ["base", "eu", "npo"] and list(summary["relearned"]) == ["eu", "npo"]
+    for method in ("eu", "npo"):
+        result = json.loads((work / "results" / f"{method}.json").read_text())
+        assert result["retain"]["count"] == 4 and result["probes"]["count"] > 0
+        assert (work / "runs" / method / "checkpoints" / "3").is_dir()
+        curve = summary["curves"][method]
+        assert [p["step"] for p in curve] == [0, 1, 2]  # unlearned, a light evaluation, the attacked model
+        assert curve[0]["kl_uniform"] == summary["rows"][method]["kl_uniform"]
+        assert curve[-1]["kl_uniform"] == summary["relearned"][method]["kl_uniform"]
+    report = (work / "report" / "compare.md").read_text()
+    assert "| eu |" in report and "| npo + relearning |" in report and "compare_relearning.png" in report
+    assert compare.README.read_text() == readme
