@@ -30,7 +30,7 @@ def get_config(spec: str = ""):
     config = experiment.get_config(spec)
     config.workflow = workflow_section()
     config.workflow.presets_dir = str(CONFIGS / "methods")
-    config.train.log_every = 5
+    config.train.log_every = 2
     config.train.tensorboard = False
     if experiment.parse_spec(spec)["hardware"] == "cpu":
         config.train.steps = 30

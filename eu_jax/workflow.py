@@ -51,6 +51,7 @@ def workflow_section() -> ConfigDict:
                 "max_prompt_tokens": 32,
                 "batch_size": 32,
                 "temperature": 1.0,
+                "min_chars": 16,  # shorter answers are dropped
                 "seed": 0,
             },
             "relearn": {"steps": 10, "learning_rate": 5e-5, "eval_every": 5},
@@ -101,13 +102,19 @@ def prepare_data(config: ConfigDict, base: Path, work: Path) -> WorkflowData:
     gen = SelfGenConfig(
         num_samples=sum(sizes.values()), user_turns=s.user_turns, max_new_tokens=s.max_new_tokens,
         max_prompt_tokens=s.max_prompt_tokens, batch_size=s.batch_size, temperature=s.temperature, seed=s.seed,
-        min_chars=16, retain_path=str(domain["train"]),  # drop samples that look like the retain domain
+        min_chars=s.min_chars, retain_path=str(domain["train"]),  # drop samples that look like the retain domain
     )
     everything = work / "data" / "forget" / "selfgen.jsonl"
     model = EvalModel.load(base, mesh_from_config(config.mesh))
     self_generate(model.decoder(), model.tokenizer, gen, everything, model.mesh, eos_ids=model.eos_ids,
                   model_info=checkpoint_provenance(base))
     rows = everything.read_text(encoding="utf-8").splitlines()
+    if len(rows) < gen.num_samples:
+        raise ValueError(
+            f"self-generation kept only {len(rows)} of the {gen.num_samples} texts asked for (counts in "
+            f"{everything}.meta.json): too many were short, duplicates or retain-like; lower "
+            "workflow.selfgen.min_chars, raise max_new_tokens or ask for fewer"
+        )
     paths, start = {}, 0
     for split in FORGET_SPLITS:
         paths[split] = everything.with_name(f"{split}.jsonl")

@@ -23,11 +23,11 @@ def test_compare_runs_each_method_and_its_relearning_attack(tmp_path):
     config = demo_config()
     config.model.checkpoint = str(make_chat_checkpoint(tmp_path))
     config.mesh.update(data=2, fsdp=-1)
-    config.train.steps, config.data.batch_size, config.data.max_length = 3, 4, 64
+    config.train.steps, config.data.batch_size, config.data.max_length = 3, 8, 64
     w = config.workflow
     w.update(workdir=str(tmp_path / "work"), methods="eu,npo", update_readme=False)
     w.domain.update(train_size=16, heldout_size=4)
-    w.selfgen.update(train=8, eval=4, relearn=8, max_new_tokens=12, max_prompt_tokens=8, batch_size=8)
+    w.selfgen.update(train=8, eval=4, relearn=8, max_new_tokens=12, max_prompt_tokens=8, batch_size=8, min_chars=1)
     w.relearn.update(steps=2, eval_every=1)
     w.eval.probes.categories = "coding"
     w.eval.harmful.enabled = False  # jailbreak templates are longer than the tiny model's positions

@@ -25,7 +25,8 @@ def relearn_config(
     config = copy.deepcopy(unlearn_config)
     config.model.checkpoint = str(unlearned_checkpoint)
     config.model.reference_checkpoint = ""
-    config.objective.update(retain="nll", retain_kwargs={}, forget="none", forget_kwargs={}, a=1.0, g=1.0)
+    config.objective.update(retain="nll", forget="none", a=1.0, g=1.0)
+    config.objective.retain_kwargs, config.objective.forget_kwargs = ConfigDict(), ConfigDict()  # update() would merge
     for half in ("retain", "forget"):  # the forget half is never scored; it must still name data
         config.data[half].update(path=str(data_path), format="auto", max_examples=0, pack=False)
     for name in ("eval_retain", "eval_forget"):
