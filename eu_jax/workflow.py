@@ -27,6 +27,7 @@ from eu_jax.eval.sentence_encoder import SentenceEncoder, fetch_minilm
 from eu_jax.eval.suite import EvalSuite, get_eval_config
 from eu_jax.parallel.mesh import mesh_from_config
 from eu_jax.selfgen import SelfGenConfig, checkpoint_provenance, self_generate
+from eu_jax.train.config import config_to_json
 from eu_jax.train.loop import train
 
 FORGET_SPLITS = ("train", "eval", "relearn")
@@ -172,10 +173,12 @@ class Evaluator:
         if self.judge is not None:
             self.base_results["harmful"] = self.suite.harmful(self.base, self.judge)
         self.base_results["judge"] = {"max_perplexity": self.judge.max_perplexity} if self.judge else {}
+        self.base_results["config"] = self.config_json = config_to_json(config)
 
     def evaluate(self, checkpoint: Path, name: str) -> dict[str, Any]:
+        """The suite's results for one checkpoint, with the judge's threshold and the workflow's config."""
         model = EvalModel.load(checkpoint, self.mesh, name=name)
-        return self.suite.run(model, self.judge)
+        return self.suite.run(model, self.judge) | {"judge": self.base_results["judge"], "config": self.config_json}
 
     def light_eval_fn(self, template: EvalModel):
         """(params, step) -> a few headline numbers without generation-heavy sections, for curves."""
