@@ -78,22 +78,20 @@ def run(config) -> int:
     base = base_checkpoint(config)
     work = workdir(config, base)
     data = prepare_data(config, base, work)
-    evaluator = Evaluator(config, base, data)
-    write_json_atomic(work / "results" / "base.json", evaluator.base_results)
+    evaluator = Evaluator(config, base, data, work / "results")
     rows, relearned, curves = {"base": headline(evaluator.base_results)}, {}, {}
     w = config.workflow
     for method in [m.strip() for m in w.methods.split(",") if m.strip()]:
         print(f"\n== {method}: unlearning ({config.train.steps} steps)", flush=True)
         run_config = method_config(config, method, base, data, work)
         checkpoint = train_once(run_config)
-        results = evaluator.evaluate(checkpoint, method)
-        write_json_atomic(work / "results" / f"{method}.json", results)
+        results = evaluator.evaluate(checkpoint, method, method)
         print(f"== {method}: relearning attack ({w.relearn.steps} steps)", flush=True)
         attack = relearn_config(run_config, checkpoint, str(data.forget["relearn"]), w.relearn.steps,
                                 w.relearn.learning_rate, work / "relearn" / method, w.relearn.eval_every)
         template = EvalModel.load(checkpoint, evaluator.mesh, name=method)
-        attacked = evaluator.evaluate(train_once(attack, evaluator.light_eval_fn(template)), f"{method} + relearning")
-        write_json_atomic(work / "results" / f"{method}_relearned.json", attacked)
+        attacked = evaluator.evaluate(train_once(attack, evaluator.light_eval_fn(template)), f"{method} + relearning",
+                                      f"{method}_relearned")
         rows[method], relearned[method] = headline(results), headline(attacked)
         curves[method] = relearning_curve(results, work / "relearn" / method, attacked, w.relearn.steps)
 

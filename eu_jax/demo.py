@@ -99,7 +99,6 @@ def write_report(work: Path, run_dir: Path, before: dict[str, Any], after: dict[
 def run(config) -> int:
     from eu_jax.convert.export import export_checkpoint
     from eu_jax.eval.report import metrics_table
-    from eu_jax.files import write_json_atomic
     from eu_jax.eval.suite import headline
     from eu_jax.workflow import Evaluator, base_checkpoint, method_config, prepare_data, train_once, workdir
 
@@ -114,8 +113,7 @@ def run(config) -> int:
     print(f"retain: {data.retain_train} / held out {data.retain_heldout}; forget: {', '.join(str(p) for p in data.forget.values())}")
 
     step("evaluate the base model (and calibrate the offline judge on its own answers)")
-    evaluator = Evaluator(config, base, data)
-    before = write_json_atomic(work / "results" / "base.json", evaluator.base_results)
+    evaluator = Evaluator(config, base, data, work / "results")
     print(metrics_table({"base": headline(evaluator.base_results)}))
 
     step(f"Exclusive Unlearning: {config.train.steps} steps of retain NLL + {config.objective.g:g} x KL(U || p) on self-generated texts")
@@ -124,8 +122,7 @@ def run(config) -> int:
     run_dir = checkpoint.parent
 
     step("evaluate the unlearned model")
-    after = evaluator.evaluate(checkpoint, "eu")
-    write_json_atomic(work / "results" / "eu.json", after)
+    after = evaluator.evaluate(checkpoint, "eu", "eu")
     rows = {"before (base)": headline(evaluator.base_results), "after EU": headline(after)}
 
     step("export to Hugging Face safetensors and reload in transformers (PyTorch)")
@@ -142,7 +139,7 @@ def run(config) -> int:
     report = write_report(work, run_dir, evaluator.base_results, after, qa)
     step.finish()
     print("\n" + metrics_table(rows))
-    print(f"\nreport: {report}\nresults: {before.parent}\nexported model: {export_dir}")
+    print(f"\nreport: {report}\nresults: {evaluator.results_dir}\nexported model: {export_dir}")
     print(f"demo total {step.elapsed():.0f}s")
     return 0
 

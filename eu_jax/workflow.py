@@ -25,6 +25,7 @@ from eu_jax.data.domains import MathDomain, write_math_domain
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.sentence_encoder import SentenceEncoder, fetch_minilm
 from eu_jax.eval.suite import EvalSuite, get_eval_config
+from eu_jax.files import write_json_atomic
 from eu_jax.parallel.mesh import mesh_from_config
 from eu_jax.selfgen import SelfGenConfig, checkpoint_provenance, self_generate
 from eu_jax.train.config import config_to_json
@@ -158,27 +159,50 @@ def train_once(run_config: ConfigDict, eval_fn=None) -> Path:
 
 class Evaluator:
     """The suite with its offline judge (fluency under the base model, MiniLM on-topic test), shared by
-    every checkpoint evaluated in one workflow; the judge is calibrated once on the base model."""
+    every checkpoint evaluated in one workflow; the judge is calibrated once on the base model.
 
-    def __init__(self, config: ConfigDict, base: Path, data: WorkflowData):
+    Results are saved as `results_dir/<stem>.json` and reused by a later run when they came from the same
+    checkpoint under the same config, so an interrupted demo or compare does not evaluate anything twice.
+    """
+
+    def __init__(self, config: ConfigDict, base: Path, data: WorkflowData, results_dir: Path):
         eval_config = copy.deepcopy(config.workflow.eval)
         eval_config.retain.path = eval_config.retain.path or str(data.retain_heldout)
         eval_config.forget_texts.path = eval_config.forget_texts.path or str(data.forget["eval"])
         self.suite = EvalSuite(eval_config)
         self.mesh = mesh_from_config(config.mesh)
+        self.results_dir, self.config_json = results_dir, config_to_json(config)
         self.base = EvalModel.load(base, self.mesh, name="base")
-        self.base_results = self.suite.run(self.base, judge=None)
+        saved = self._saved("base", base)
+        self.base_results = saved or self.suite.run(self.base, judge=None)
         encoder = SentenceEncoder.from_folder(fetch_minilm()) if self.suite.attacks else None
         self.judge = self.suite.offline_judge(self.base, encoder.encode, self.base_results.get("probes")) if encoder else None
-        if self.judge is not None:
-            self.base_results["harmful"] = self.suite.harmful(self.base, self.judge)
-        self.base_results["judge"] = {"max_perplexity": self.judge.max_perplexity} if self.judge else {}
-        self.base_results["config"] = self.config_json = config_to_json(config)
+        if saved is None:
+            if self.judge is not None:
+                self.base_results["harmful"] = self.suite.harmful(self.base, self.judge)
+            self.base_results["judge"] = {"max_perplexity": self.judge.max_perplexity} if self.judge else {}
+            self.base_results["config"] = self.config_json
+            write_json_atomic(results_dir / "base.json", self.base_results)
 
-    def evaluate(self, checkpoint: Path, name: str) -> dict[str, Any]:
-        """The suite's results for one checkpoint, with the judge's threshold and the workflow's config."""
+    def _saved(self, stem: str, checkpoint: Path) -> dict[str, Any] | None:
+        path = self.results_dir / f"{stem}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("checkpoint") == str(checkpoint) and saved.get("config") == self.config_json:
+                print(f"reusing {path}", flush=True)
+                return saved
+        return None
+
+    def evaluate(self, checkpoint: Path, name: str, stem: str) -> dict[str, Any]:
+        """The suite's results for one checkpoint (with the judge's threshold and the workflow's config),
+        saved as `<stem>.json`, or the saved ones."""
+        saved = self._saved(stem, checkpoint)
+        if saved is not None:
+            return saved
         model = EvalModel.load(checkpoint, self.mesh, name=name)
-        return self.suite.run(model, self.judge) | {"judge": self.base_results["judge"], "config": self.config_json}
+        results = self.suite.run(model, self.judge) | {"judge": self.base_results["judge"], "config": self.config_json}
+        write_json_atomic(self.results_dir / f"{stem}.json", results)
+        return results
 
     def light_eval_fn(self, template: EvalModel):
         """(params, step) -> a few headline numbers without generation-heavy sections, for curves."""

@@ -49,3 +49,9 @@ def test_compare_runs_each_method_and_its_relearning_attack(tmp_path):
     report = (work / "report" / "compare.md").read_text()
     assert "| eu |" in report and "| npo + relearning |" in report and "compare_relearning.png" in report
     assert compare.README.read_text() == readme
+
+    # A second run reuses every finished training run and every saved evaluation.
+    saved = {p.name: p.stat().st_mtime_ns for p in (work / "results").glob("*.json") if p.name != "compare.json"}
+    assert compare.run(config) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "results").glob("*.json") if p.name != "compare.json"} == saved
+    assert json.loads((work / "results" / "compare.json").read_text()) == summary
