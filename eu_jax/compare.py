@@ -10,6 +10,7 @@ report (table, retain-accuracy vs attack-success plot, relearning curves) and th
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def relearning_curve(unlearned: dict[str, Any], run_dir: Path, relearned: dict[s
     return [{"step": step, **values} for step, values in sorted(points.items())]
 
 
-def results_section(config, rows: dict[str, dict[str, float]], relearned: dict[str, dict[str, float]]) -> str:
+def results_section(config, rows: dict[str, dict[str, float]], relearned: dict[str, dict[str, float]], minutes: float) -> str:
     from eu_jax.eval.report import metrics_table
 
     after = {f"{name} + relearning": row for name, row in relearned.items()}
@@ -54,7 +55,7 @@ def results_section(config, rows: dict[str, dict[str, float]], relearned: dict[s
         f"{w.domain.seed}); {w.selfgen.train} self-generated forget texts (seed {w.selfgen.seed}); "
         f"{config.train.steps} steps of batch {config.data.batch_size} + {config.data.batch_size}, sequence "
         f"{config.data.max_length}, training seed {config.train.seed}; harmful prompts: {w.eval.harmful.per_set} per set "
-        f"({w.eval.harmful.sets}) x templates {w.eval.harmful.templates}.",
+        f"({w.eval.harmful.sets}) x templates {w.eval.harmful.templates}; the whole run took {minutes:.0f} minutes.",
     ])
 
 
@@ -75,6 +76,7 @@ def run(config) -> int:
     from eu_jax.files import write_json_atomic
     from eu_jax.workflow import Evaluator, base_checkpoint, method_config, prepare_data, train_once, workdir
 
+    started = time.monotonic()
     base = base_checkpoint(config)
     work = workdir(config, base)
     data = prepare_data(config, base, work)
@@ -97,7 +99,7 @@ def run(config) -> int:
 
     out = work / "report"
     out.mkdir(parents=True, exist_ok=True)
-    section = results_section(config, rows, relearned)
+    section = results_section(config, rows, relearned, (time.monotonic() - started) / 60)
     plot_bars(rows, TABLE_METRICS, "methods after unlearning", out / "compare_bars.png")
     plot_tradeoff(rows, out / "compare_tradeoff.png")
     plot_relearning(curves, CURVE_KEYS, out / "compare_relearning.png")
