@@ -6,7 +6,7 @@ setup(
     description="Exclusive Unlearning, UniErase and standard unlearning baselines for LLMs in JAX/Flax",
     python_requires=">=3.10",
     packages=find_packages(include=["eu_jax", "eu_jax.*"]),
-    package_data={"eu_jax.eval": ["probe_data/*.jsonl"]},
+    package_data={"eu_jax.eval": ["probe_data/*.jsonl"], "eu_jax.data": ["tofu_data/*.jsonl"]},
     install_requires=[
         "jax>=0.7,<0.13",
         "flax>=0.12,<0.13",
@@ -19,6 +19,9 @@ setup(
         "numpy>=1.26,<3",
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
+        # TOFU's ROUGE-L recall (with its stemmer), as the benchmark itself computes it.
+        "rouge-score>=0.1.2,<0.2",
+        "scipy>=1.11,<2",
     ],
     extras_require={
         # PyTorch reference models and export checks; 2.13.0 is the CPU build this project is tested with.
