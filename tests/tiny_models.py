@@ -37,11 +37,13 @@ FAMILIES = {
 }
 
 
-def build_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+def build_hf_model(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
     """A random model whose every weight (biases and norm scales too) is far from its init value,
-    so a mapping mistake anywhere shows in the logits."""
+    so a mapping mistake anywhere shows in the logits. `overrides` change config fields (e.g. num_hidden_layers)."""
     torch.manual_seed(seed)
     config = FAMILIES[family]()
+    for name, value in overrides.items():
+        setattr(config, name, value)
     config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -53,8 +55,8 @@ def build_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model
 
 
-def save_hf_model(family: str, directory: Path, seed: int = 0) -> transformers.PreTrainedModel:
-    model = build_hf_model(family, seed)
+def save_hf_model(family: str, directory: Path, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    model = build_hf_model(family, seed, **overrides)
     model.save_pretrained(directory)
     return model
 

@@ -35,13 +35,14 @@ QA_TEMPLATE = (
 )
 
 
-def make_chat_checkpoint(root: Path) -> Path:
-    """A tiny random Llama whose character tokenizer has QA_TEMPLATE and decodes back to plain text."""
+def make_chat_checkpoint(root: Path, **overrides) -> Path:
+    """A tiny random Llama whose character tokenizer has QA_TEMPLATE and decodes back to plain text
+    (`overrides` change its config, e.g. num_hidden_layers=4)."""
     from tokenizers import decoders
 
     ckpt = root / "chat_ckpt"
     if not ckpt.exists():
-        save_hf_model("llama", root / "chat_hf")
+        save_hf_model("llama", root / "chat_hf", **overrides)
         tokenizer = save_char_tokenizer(root / "chat_hf")
         tokenizer.chat_template = QA_TEMPLATE
         tokenizer.backend_tokenizer.decoder = decoders.Fuse()

@@ -59,6 +59,17 @@ class KVCache:
 
 
 @flax.struct.dataclass
+class LayerInputs:
+    """What every layer takes: the embedded tokens and the attention mask and rotary tables."""
+
+    x: jax.Array  # [batch, seq, embed]
+    cos: jax.Array
+    sin: jax.Array
+    mask: jax.Array  # [batch, seq, slots]
+    key_positions: jax.Array  # [batch, slots]: positions the keys hold (the cache's, with a cache)
+
+
+@flax.struct.dataclass
 class DecoderOutput:
     logits: jax.Array | None  # [batch, seq, vocab], None when return_logits=False
     hidden: jax.Array  # final-norm hidden states [batch, seq, embed]
@@ -154,8 +165,15 @@ class MLP(nnx.Module):
         y = x @ getattr(self, f"{name}_proj")[...].astype(self.dtype)
         return y + getattr(self, f"{name}_bias")[...].astype(self.dtype) if self.has_bias else y
 
+    def keys(self, x: jax.Array) -> jax.Array:
+        """The input of down_proj, [..., mlp]: the 'keys' that knowledge-editing methods solve for."""
+        return jax.nn.silu(self._linear(x, "gate")) * self._linear(x, "up")
+
+    def down(self, keys: jax.Array) -> jax.Array:
+        return self._linear(keys, "down")
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self._linear(jax.nn.silu(self._linear(x, "gate")) * self._linear(x, "up"), "down")
+        return self.down(self.keys(x))
 
 
 class DecoderLayer(nnx.Module):
@@ -165,9 +183,13 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, options)
         self.mlp = MLP(config, options, rngs)
 
-    def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None):
+    def attend(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None):
+        """The residual stream after this layer's attention block (before its MLP), and the new K/V."""
         attn_out, k, v = self.attn(self.input_norm(x), cos, sin, mask, k_cache, v_cache, index)
-        x = x + attn_out
+        return x + attn_out, k, v
+
+    def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None):
+        x, k, v = self.attend(x, cos, sin, mask, k_cache, v_cache, index)
         return x + self.mlp(self.post_attn_norm(x)), k, v
 
 
@@ -241,6 +263,28 @@ class Decoder(nnx.Module):
         segment_ids [B,T]: packed rows; tokens attend only within their own segment, and default
         positions restart at 0 in each segment (no cache).
         """
+        inputs = self.prepare(input_ids, attention_mask, positions, cache, segment_ids)
+        x, k_all, v_all, per_layer = self._run_layers(inputs.x, inputs.cos, inputs.sin, inputs.mask, cache, bool(hidden_layers))
+        hidden_states = None
+        if hidden_layers:
+            hidden_states = jnp.stack([per_layer[i] for i in hidden_layers])
+        hidden = self.final_norm(x)
+        logits = self.logits(hidden) if return_logits else None
+        new_cache = None
+        if cache is not None:
+            t = input_ids.shape[1]
+            new_cache = KVCache(k=k_all, v=v_all, positions=inputs.key_positions, index=cache.index + t)
+        return DecoderOutput(logits=logits, hidden=hidden, hidden_states=hidden_states, cache=new_cache)
+
+    def prepare(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> "LayerInputs":
+        """Embeddings, attention mask and rotary tables for the layers (arguments as in __call__)."""
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids, dtype=jnp.int32)
         valid = attention_mask.astype(bool)
@@ -262,19 +306,17 @@ class Decoder(nnx.Module):
             mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         inv_freq = inverse_frequencies(self.config.rope, self.config.head_dim)
         cos, sin = (constrain_batch(t) for t in rotary_tables(jnp.maximum(positions, 0), inv_freq, self.options.jnp_dtype))
-
         x = constrain_batch(jnp.take(gather_replicated(self.embed[...]), input_ids, axis=0).astype(self.options.jnp_dtype))
-        x, k_all, v_all, per_layer = self._run_layers(x, cos, sin, mask, cache, bool(hidden_layers))
-        hidden_states = None
-        if hidden_layers:
-            hidden_states = jnp.stack([per_layer[i] for i in hidden_layers])
-        hidden = self.final_norm(x)
-        logits = jnp.einsum("btd,dv->btv", hidden, self.unembed_kernel()) if return_logits else None
-        new_cache = None
-        if cache is not None:
-            t = input_ids.shape[1]
-            new_cache = KVCache(k=k_all, v=v_all, positions=key_positions, index=cache.index + t)
-        return DecoderOutput(logits=logits, hidden=hidden, hidden_states=hidden_states, cache=new_cache)
+        return LayerInputs(x=x, cos=cos, sin=sin, mask=mask, key_positions=key_positions)
+
+    def layer(self, index: int) -> DecoderLayer:
+        """Layer `index` as its own module (a view of the stacked parameters), for layer-by-layer work."""
+        graphdef, stacked = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], stacked))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Output logits [..., vocab] of final-norm hidden states."""
+        return jnp.einsum("...d,dv->...v", hidden, self.unembed_kernel())
 
     def _run_layers(self, x, cos, sin, mask, cache, keep_hidden):
         """Apply every layer; returns (x, cache keys, cache values, residual stream per layer)."""

@@ -1,0 +1,129 @@
+"""Second moments of MLP keys over a retained corpus, and the projector onto their null space.
+
+AlphaEdit's promise: an edit of `down_proj` whose rows lie in the null space of the keys that retained
+knowledge produces leaves those keys' outputs unchanged. The keys' second moment E[k k^T] over a corpus
+of retained text gives that space: its eigenvectors with eigenvalues below a threshold. Computing it
+costs a forward over the corpus, so the moments are cached on disk, keyed by the checkpoint, the
+corpus tokens, the layers and the token budget; the projector is cheap and recomputed from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from eu_jax.data.cache import TokenCache, digest
+from eu_jax.data.chat import Encoded
+from eu_jax.models.config import ModelConfig
+from eu_jax.models.state import Params, build_decoder
+from eu_jax.parallel.sharding import BATCH_AXES, activation_sharding, batch_sharding, to_global, to_host
+from eu_jax.unierase.tracing import run_layers
+
+MOMENTS_VERSION = 1
+
+
+def checkpoint_fingerprint(ckpt: Path) -> str:
+    """What identifies a checkpoint's weights without reading them: its path and every file's size and mtime."""
+    from eu_jax.convert.checkpoint import locate_params
+
+    orbax_dir = locate_params(Path(ckpt))[0]
+    files = sorted((str(p.relative_to(orbax_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in orbax_dir.rglob("*") if p.is_file())
+    return digest({"path": str(orbax_dir), "files": files})
+
+
+@lru_cache(maxsize=4)
+def _moment_sums(config: ModelConfig, layers: tuple[int, ...]):
+    """jit(params, ids, attention) -> ([len(layers), F, F] sums of k k^T over real tokens, token count)."""
+
+    @jax.jit
+    def sums(params, ids, attention):
+        model = build_decoder(config, params)
+        inputs = model.prepare(ids, attention)
+        _, keys = run_layers(model, inputs, inputs.x, 0, max(layers) + 1, layers)
+        mask = attention.astype(jnp.float32)[..., None]
+        stacked = jnp.stack([keys[layer].astype(jnp.float32) * mask for layer in layers])
+        return jnp.einsum("lbtf,lbtg->lfg", stacked, stacked), mask.sum()
+
+    return sums
+
+
+def key_second_moments(
+    config: ModelConfig,
+    params: Params,
+    mesh: Mesh,
+    corpus: Sequence[Encoded],
+    layers: Sequence[int],
+    max_tokens: int = 100_000,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, int]:
+    """E[k k^T] of each layer's keys over the corpus's tokens (at most `max_tokens`): [len(layers), F, F], and the count."""
+    if not corpus:
+        raise ValueError("the retained corpus for the null space is empty")
+    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+    rows = -(-batch_size // shards) * shards
+    fn, sharding = _moment_sums(config, tuple(layers)), batch_sharding(mesh)
+    total, count = None, 0
+    taken = _take_tokens(corpus, max_tokens)
+    for start in range(0, len(taken), rows):
+        chunk = taken[start : start + rows]
+        width = max(len(ids) for ids in chunk)
+        ids, attention = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)], attention[row, : len(seq)] = seq, 1
+        with activation_sharding(mesh):
+            sums, n = fn(params, to_global(ids, sharding), to_global(attention, sharding))
+        sums = to_host(sums).astype(np.float64)
+        total = sums if total is None else total + sums
+        count += int(to_host(n))
+    return (total / count).astype(np.float32), count
+
+
+def _take_tokens(corpus: Sequence[Encoded], max_tokens: int) -> list[np.ndarray]:
+    """The corpus's sequences in order until `max_tokens` tokens (the last one cut to fit)."""
+    taken, left = [], max_tokens
+    for encoded in corpus:
+        if left <= 0:
+            break
+        taken.append(np.asarray(encoded.ids[:left]))
+        left -= len(taken[-1])
+    return taken
+
+
+def cached_key_second_moments(
+    fingerprint: str,
+    config: ModelConfig,
+    params: Params,
+    mesh: Mesh,
+    corpus: Sequence[Encoded],
+    layers: Sequence[int],
+    max_tokens: int = 100_000,
+    cache_dir: str | Path | None = None,
+) -> tuple[np.ndarray, int]:
+    """key_second_moments, read from / written to the on-disk cache."""
+    from eu_jax.assets import cache_dir as default_cache_dir
+
+    corpus_hash = hashlib.sha256(b"".join(np.asarray(e.ids, np.int32).tobytes() + b"|" for e in corpus)).hexdigest()
+    key = digest({"checkpoint": fingerprint, "corpus": corpus_hash, "layers": list(layers), "max_tokens": max_tokens,
+                  "version": MOMENTS_VERSION})
+    cache = TokenCache(Path(cache_dir) if cache_dir else default_cache_dir() / "unierase_moments")
+    entry = cache.load(key)
+    if entry is not None:
+        return np.asarray(entry[0]["moments"]), int(entry[1]["count"])
+    moments, count = key_second_moments(config, params, mesh, corpus, layers, max_tokens)
+    if jax.process_index() == 0:
+        cache.store(key, {"moments": moments}, {"count": count, "layers": list(layers)})
+    return moments, count
+
+
+def null_space_projector(moments: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
+    """P = U0 U0^T over the eigenvectors of E[k k^T] whose eigenvalues are below `threshold`, and dim(null space)."""
+    values, vectors = np.linalg.eigh(np.asarray(moments, np.float64))
+    null = vectors[:, values < threshold]
+    return (null @ null.T).astype(np.float32), int(null.shape[1])

@@ -1,0 +1,284 @@
+"""UniErase stage 2: AlphaEdit-style closed-form edits of `mlp.down_proj` that make prompts emit a target.
+
+For a round of requests (all at once, or a few at a time for sequential editing):
+1. Target residuals z*: at the last edit layer L, an offset delta of the residual stream at each request's
+   subject token is optimised (Adam) so the model predicts the target after the prompt under every
+   context prefix, with a KL term keeping the subject's ordinary next-token distribution in a raw
+   "essence" prompt, a weight decay, and a norm clamp (MEMIT's compute_z).
+2. For each edit layer l in order: keys K (down_proj inputs at the subject token, averaged over contexts)
+   and the residual still missing at L, spread over the layers left: R = (z* - z) / (layers left). The
+   update of the [mlp, embed] kernel is
+       Delta = (P (K^T K + C) + lam I)^-1 P K^T R
+   with P the projector onto the null space of retained keys (so retained keys' outputs do not move),
+   and C the accumulated K^T K of earlier rounds (so earlier edits are not undone).
+3. C += K^T K of this round (keys recomputed with the edited weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from eu_jax.models.config import ModelConfig
+from eu_jax.models.state import Params, build_decoder
+from eu_jax.parallel.sharding import BATCH_AXES, activation_sharding, batch_sharding, to_global, to_host
+from eu_jax.unierase.requests import EditBatch, EditEncoder, EditRequest
+from eu_jax.unierase.tracing import add_at_positions, at_positions, final_logits, run_layers
+
+
+def get_edit_config() -> ConfigDict:
+    """Defaults follow AlphaEdit's Llama-3 settings, with the layer band scaled to the model's depth."""
+    return ConfigDict(
+        {
+            "layers": "",  # comma-separated layer indices; "" = default_edit_layers(depth)
+            "requests_per_round": 0,  # 0: one batch edit of all requests; k: sequential rounds of k
+            "l2": 10.0,  # lam: ridge term of the closed form
+            "nullspace_threshold": 2e-2,  # eigenvalues of E[k k^T] below this span the null space
+            "contexts": {"count": 5, "length": 10, "seed": 0},  # self-sampled context prefixes (plus the plain prompt)
+            "kl_template": "{} is a",  # the essence prompt whose next-token distribution is kept
+            "position": "subject",  # where the edit acts: the subject's last token, or "prompt_end"
+            "target": {
+                "steps": 25,
+                "learning_rate": 0.5,
+                "kl_factor": 0.0625,
+                "weight_decay": 1e-3,
+                "clamp_norm_factor": 4.0,  # |delta| <= factor * |z|
+                "stop_nll": 0.05,  # a request stops moving once its target NLL is below this
+            },
+        }
+    )
+
+
+def default_edit_layers(num_layers: int) -> list[int]:
+    """AlphaEdit's band for 32-layer Llama-3 (layers 4-8) scaled to `num_layers`; at least one layer, never the last."""
+    last_allowed = max(num_layers - 2, 0)
+    start = min(int(num_layers * 4 / 32 + 0.5), last_allowed)
+    stop = min(max(int(num_layers * 8 / 32 + 0.5), start), last_allowed)
+    return list(range(start, stop + 1))
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    if not text.strip():
+        return default_edit_layers(num_layers)
+    layers = sorted({int(part) for part in text.split(",") if part.strip()})
+    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(f"edit layers {text!r}: each must be in [0, {num_layers - 1}] for this {num_layers}-layer model")
+    return layers
+
+
+@dataclass
+class EditState:
+    """What sequential editing carries between rounds: per edit layer, the sum of K^T K of earlier edits."""
+
+    layers: list[int]
+    previous: np.ndarray  # [len(layers), F, F]
+    rounds: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, layers: Sequence[int], intermediate_size: int) -> "EditState":
+        return cls(list(layers), np.zeros((len(layers), intermediate_size, intermediate_size), np.float32))
+
+
+def _pad_rows(batch: EditBatch, multiple: int) -> EditBatch:
+    """Extra copies of row 0 (owned by no request, scoring nothing) so the mesh's batch axes divide the rows."""
+    extra = -len(batch.ids) % multiple
+    if not extra:
+        return batch
+
+    def pad(a: np.ndarray, fill=None) -> np.ndarray:
+        rows = np.repeat(a[:1], extra, axis=0) if fill is None else np.full((extra,) + a.shape[1:], fill, a.dtype)
+        return np.concatenate([a, rows])
+
+    return EditBatch(
+        ids=pad(batch.ids), attention=pad(batch.attention), lookup=pad(batch.lookup), request=pad(batch.request, batch.num_requests),
+        targets=pad(batch.targets), target_positions=pad(batch.target_positions), target_mask=pad(batch.target_mask, 0),
+        essence=pad(batch.essence, 0), last=pad(batch.last), num_requests=batch.num_requests, num_contexts=batch.num_contexts,
+    )
+
+
+def _request_mean(values: jax.Array, request: jax.Array, weights: jax.Array, num_requests: int) -> jax.Array:
+    """Weighted mean of per-row values over each request's rows ([N] -> [R]); rows of request R are padding."""
+    total = jax.ops.segment_sum(values * weights, request, num_segments=num_requests)
+    return total / jnp.maximum(jax.ops.segment_sum(weights, request, num_segments=num_requests), 1e-9)
+
+
+@lru_cache(maxsize=8)
+def _target_optimiser(config: ModelConfig, z_layer: int, num_requests: int, steps: int, learning_rate: float,
+                      kl_factor: float, weight_decay: float, clamp: float, stop_nll: float):
+    """jit(params, plain rows, batch arrays) -> (z* [R, D], z [R, D], target NLL per request at z*)."""
+    optimizer = optax.adam(learning_rate)
+
+    @jax.jit
+    def optimise(params, plain_rows, ids, attention, lookup, request, targets, target_positions, target_mask, essence, last):
+        model = build_decoder(config, params)
+        inputs = model.prepare(ids, attention)
+        h = jax.lax.stop_gradient(run_layers(model, inputs, inputs.x, 0, z_layer + 1)[0])
+        z = at_positions(h, lookup)[plain_rows]  # each request's residual in its plain prompt
+        owner = jnp.clip(request, 0, num_requests - 1)
+        rewrite_rows = ((essence == 0) & (request < num_requests)).astype(jnp.float32)
+        essence_rows = (essence == 1).astype(jnp.float32)
+
+        def log_probs(delta):
+            x, _ = run_layers(model, inputs, add_at_positions(h, lookup, delta[owner]), z_layer + 1, config.num_layers)
+            picked = jnp.take_along_axis(x, target_positions[..., None], axis=1)  # [N, M, D]
+            target_lp = jax.nn.log_softmax(final_logits(model, picked).astype(jnp.float32))
+            target_lp = jnp.take_along_axis(target_lp, targets[..., None], axis=-1)[..., 0]
+            return target_lp, jax.nn.log_softmax(final_logits(model, at_positions(x, last)).astype(jnp.float32))
+
+        essence_before = jax.lax.stop_gradient(log_probs(jnp.zeros_like(z))[1])
+        z_norm2 = jnp.sum(z * z, axis=-1)
+        max_norm = clamp * jnp.sqrt(z_norm2)[:, None]
+
+        def loss(delta):
+            target_lp, last_lp = log_probs(delta)
+            row_nll = -(target_lp * target_mask).sum(1) / jnp.maximum(target_mask.sum(1), 1)
+            nll = _request_mean(row_nll, request, rewrite_rows, num_requests)
+            row_kl = jnp.sum(jnp.exp(last_lp) * (last_lp - essence_before), axis=-1)
+            kl = _request_mean(row_kl, request, essence_rows, num_requests)
+            decay = jnp.sum(delta * delta, axis=-1) / jnp.maximum(z_norm2, 1e-12)
+            return jnp.sum(nll + kl_factor * kl + weight_decay * decay), nll
+
+        def step(_, carry):
+            delta, opt_state = carry
+            (_, nll), grads = jax.value_and_grad(loss, has_aux=True)(delta)
+            updates, new_state = optimizer.update(grads, opt_state, delta)
+            moved = optax.apply_updates(delta, updates)
+            moved = moved * jnp.minimum(1.0, max_norm / jnp.maximum(jnp.linalg.norm(moved, axis=-1, keepdims=True), 1e-12))
+            active = (nll > stop_nll)[:, None]  # a request that already predicts its target stays put
+            keep = lambda new, old: jnp.where(active, new, old) if new.shape == delta.shape else new  # noqa: E731
+            return jnp.where(active, moved, delta), jax.tree.map(keep, new_state, opt_state)
+
+        delta = jnp.zeros_like(z)
+        delta, _ = jax.lax.fori_loop(0, steps, step, (delta, optimizer.init(delta)))
+        return z + delta, z, loss(delta)[1]
+
+    return optimise
+
+
+@lru_cache(maxsize=16)
+def _keys_and_residual(config: ModelConfig, key_layer: int, z_layer: int):
+    """jit(params, ids, attention, lookup) -> (keys of `key_layer` [N, F], residual after `z_layer` [N, D]) at lookup."""
+
+    @jax.jit
+    def fn(params, ids, attention, lookup):
+        model = build_decoder(config, params)
+        inputs = model.prepare(ids, attention)
+        x, keys = run_layers(model, inputs, inputs.x, 0, max(key_layer, z_layer) + 1, (key_layer,))
+        return at_positions(keys[key_layer], lookup).astype(jnp.float32), at_positions(x, lookup).astype(jnp.float32)
+
+    return fn
+
+
+@jax.jit
+def _closed_form(projector: jax.Array, keys: jax.Array, previous: jax.Array, residual: jax.Array, l2: float) -> jax.Array:
+    """Delta [F, D] = (P (K^T K + C) + l2 I)^-1 P K^T R; it lies in P's range, so P-orthogonal keys see no change."""
+    lhs = projector @ (keys.T @ keys + previous) + l2 * jnp.eye(keys.shape[1], dtype=keys.dtype)
+    return jnp.linalg.solve(lhs, projector @ (keys.T @ residual))
+
+
+def _add_to_layer(params: Params, layer: int, update: jax.Array) -> Params:
+    down = params["layers"]["mlp"]["down_proj"]
+    new_down = jax.jit(lambda k, u: k.at[layer].add(u.astype(k.dtype)), out_shardings=down.sharding)(down, update)
+    return {**params, "layers": {**params["layers"], "mlp": {**params["layers"]["mlp"], "down_proj": new_down}}}
+
+
+class Editor:
+    """Applies rounds of edit requests to params held on a mesh, carrying the sequential-editing state."""
+
+    def __init__(self, config: ModelConfig, params: Params, tokenizer: Any, mesh: Mesh, edit_config: ConfigDict,
+                 projectors: np.ndarray, state: EditState, prefixes: Sequence[str] = ("",)):
+        self.config, self.params, self.mesh, self.cfg = config, params, mesh, edit_config
+        self.encoder = EditEncoder(tokenizer, position=edit_config.position)
+        self.projectors = jnp.asarray(projectors)
+        self.state = state
+        self.prefixes = list(prefixes)
+        self.shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+
+    @property
+    def layers(self) -> list[int]:
+        return self.state.layers
+
+    def _device_batch(self, batch: EditBatch) -> tuple[jax.Array, ...]:
+        padded, sharding = _pad_rows(batch, self.shards), batch_sharding(self.mesh)
+        names = ("ids", "attention", "lookup", "request", "targets", "target_positions", "target_mask", "essence", "last")
+        return tuple(to_global(getattr(padded, name), sharding) for name in names)
+
+    def _targets(self, batch: EditBatch, arrays: tuple[jax.Array, ...], steps: int | None = None) -> tuple[np.ndarray, ...]:
+        t = self.cfg.target
+        fn = _target_optimiser(self.config, self.layers[-1], batch.num_requests, t.steps if steps is None else steps,
+                               t.learning_rate, t.kl_factor, t.weight_decay, t.clamp_norm_factor, t.stop_nll)
+        plain = jax.device_put(np.arange(batch.num_requests, dtype=np.int32) * batch.num_contexts, NamedSharding(self.mesh, PartitionSpec()))
+        with activation_sharding(self.mesh):
+            return tuple(to_host(x) for x in fn(self.params, plain, *arrays))
+
+    def _request_keys(self, batch: EditBatch, arrays: tuple[jax.Array, ...], layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys of `layer` averaged over each request's contexts [R, F], and the current z of its plain prompt [R, D]."""
+        with activation_sharding(self.mesh):
+            keys, z = (to_host(x) for x in _keys_and_residual(self.config, layer, self.layers[-1])(self.params, *arrays[:2], arrays[2]))
+        r, c = batch.num_requests, batch.num_contexts
+        return keys[: r * c].reshape(r, c, -1).mean(axis=1), z[: r * c : c]
+
+    def target_nll(self, requests: Sequence[EditRequest]) -> np.ndarray:
+        """Each request's NLL of its target (averaged over the context prefixes) under the current params."""
+        batch = self.encoder.encode(requests, self.prefixes, self.cfg.kl_template)
+        return self._targets(batch, self._device_batch(batch), steps=0)[2]
+
+    def edit_round(self, requests: Sequence[EditRequest]) -> dict[str, Any]:
+        """One batch edit of `requests`; returns what it did (target NLL before / at z* / after, update norms)."""
+        batch = self.encoder.encode(requests, self.prefixes, self.cfg.kl_template)
+        arrays = self._device_batch(batch)
+        z_star, z_start, nll_at_target = self._targets(batch, arrays)
+        nll_before = self._targets(batch, arrays, steps=0)[2]
+        norms = []
+        for i, layer in enumerate(self.layers):
+            keys, z = self._request_keys(batch, arrays, layer)
+            residual = (z_star - z) / (len(self.layers) - i)
+            update = _closed_form(self.projectors[i], jnp.asarray(keys), jnp.asarray(self.state.previous[i]),
+                                  jnp.asarray(residual), float(self.cfg.l2))
+            self.params = _add_to_layer(self.params, layer, update)
+            norms.append(float(jnp.linalg.norm(update)))
+        for i, layer in enumerate(self.layers):
+            keys, _ = self._request_keys(batch, arrays, layer)
+            self.state.previous[i] += (keys.T @ keys).astype(np.float32)
+        self.state.rounds += 1
+        record = {
+            "round": self.state.rounds, "requests": len(requests),
+            "target_nll_before": nll_before.tolist(), "target_nll_at_z_star": nll_at_target.tolist(),
+            "target_nll_after": self._targets(batch, arrays, steps=0)[2].tolist(),
+            "z_shift_norm": np.linalg.norm(z_star - z_start, axis=-1).tolist(), "update_norms": norms,
+        }
+        self.state.log.append(record)
+        return record
+
+    def edit(self, requests: Sequence[EditRequest]) -> Params:
+        """All requests, in rounds of `requests_per_round` (0: one round), in order."""
+        size = self.cfg.requests_per_round or len(requests)
+        for start in range(0, len(requests), size):
+            self.edit_round(requests[start : start + size])
+        return self.params
+
+
+def sample_context_prefixes(model, tokenizer: Any, mesh: Mesh, count: int, length: int, seed: int) -> list[str]:
+    """The plain prompt ("") plus `count` short texts the model writes itself (MEMIT's context templates:
+    top-5 sampling of `length` tokens after a few common openings), each ending in ". "."""
+    if count <= 0:
+        return [""]
+    from eu_jax.generate import SamplingConfig, generate
+
+    openings = ["The", "Therefore", "Because", "I", "You"]
+    starts = [openings[i % len(openings)] for i in range(count)]
+    prompts = [list(tokenizer(text)["input_ids"]) for text in starts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sampling = SamplingConfig(max_new_tokens=length, temperature=1.0, top_k=5, seed=seed)
+    result = generate(model, prompts, sampling, (), pad_id=pad, mesh=mesh)
+    texts = [tokenizer.decode(prompt + completion.content, skip_special_tokens=True) for prompt, completion in zip(prompts, result.completions)]
+    return [""] + [" ".join(text.replace("{", " ").replace("}", " ").split()) + ". " for text in texts]
