@@ -6,7 +6,11 @@ setup(
     description="Exclusive Unlearning, UniErase and standard unlearning baselines for LLMs in JAX/Flax",
     python_requires=">=3.10",
     packages=find_packages(include=["eu_jax", "eu_jax.*"]),
-    package_data={"eu_jax.eval": ["probe_data/*.jsonl"], "eu_jax.data": ["tofu_data/*.jsonl"]},
+    package_data={
+        "eu_jax.eval": ["probe_data/*.jsonl"],
+        "eu_jax.data": ["tofu_data/*.jsonl"],
+        "eu_jax.unierase": ["idk_phrases.txt"],
+    },
     install_requires=[
         "jax>=0.7,<0.13",
         "flax>=0.12,<0.13",
