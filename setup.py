@@ -44,6 +44,7 @@ setup(
             "eu-generate=eu_jax.generate_cli:main",
             "eu-selfgen=eu_jax.selfgen:main",
             "eu-eval=eu_jax.eval.cli:main",
+            "eu-unierase=eu_jax.unierase.cli:main",
         ],
     },
 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -282,3 +283,25 @@ def sample_context_prefixes(model, tokenizer: Any, mesh: Mesh, count: int, lengt
     result = generate(model, prompts, sampling, (), pad_id=pad, mesh=mesh)
     texts = [tokenizer.decode(prompt + completion.content, skip_special_tokens=True) for prompt, completion in zip(prompts, result.completions)]
     return [""] + [" ".join(text.replace("{", " ").replace("}", " ").split()) + ". " for text in texts]
+
+
+EDIT_STATE_FILE = "unierase_edits.npz"
+
+
+def save_edit_state(state: EditState, directory: Path) -> Path:
+    """Write the sequential-editing state next to an edited checkpoint, so a later run continues it."""
+    path = Path(directory) / EDIT_STATE_FILE
+    np.savez(path, layers=np.asarray(state.layers), previous=state.previous, rounds=np.asarray(state.rounds))
+    return path
+
+
+def load_edit_state(directory: Path, layers: Sequence[int], intermediate_size: int) -> EditState:
+    """The state an earlier edit left in `directory` (its layers must match), or an empty one."""
+    path = Path(directory) / EDIT_STATE_FILE
+    if not path.is_file():
+        return EditState.empty(layers, intermediate_size)
+    with np.load(path) as saved:
+        if list(saved["layers"]) != list(layers):
+            raise ValueError(f"{path}: earlier edits used layers {list(saved['layers'])}, not {list(layers)}; "
+                             f"edit the same layers to keep those edits protected")
+        return EditState(list(layers), saved["previous"].astype(np.float32), int(saved["rounds"]))

@@ -1,0 +1,178 @@
+"""UniErase end to end on one checkpoint: unlearning token (stage 1), then the null-space edit (stage 2).
+
+    OUTPUT/token/   the base model with `<unlearn_0>` added and its rows trained (stage 1)
+    OUTPUT/model/   stage 1's model with the edited down_proj kernels, plus unierase_edits.npz
+    OUTPUT/unierase.json   what each stage did: losses, edit rounds, null-space sizes, parameters changed, time
+
+A checkpoint that already has the token (e.g. an earlier run's OUTPUT/model) skips stage 1, and its
+unierase_edits.npz makes the new edits sequential ones that protect the earlier. Each stage's folder is
+written under a temporary name and renamed when complete, so a rerun after an interruption redoes only
+the unfinished stage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from eu_jax.convert.checkpoint import HF_FILES_DIR, MODEL_META_FILE, load_model_meta, locate_params, save_params_checkpoint
+from eu_jax.data import DataSpec, Encoder, Record, load_records
+from eu_jax.eval.model import EvalModel
+from eu_jax.eval.probes import load_probes
+from eu_jax.files import write_json_atomic
+from eu_jax.parallel.mesh import mesh_from_config
+from eu_jax.unierase.covariance import cached_key_second_moments, checkpoint_fingerprint, null_space_projector
+from eu_jax.unierase.edit import Editor, get_edit_config, load_edit_state, parse_layers, sample_context_prefixes, save_edit_state
+from eu_jax.unierase.requests import EditRequest
+from eu_jax.unierase.token_training import get_token_config, train_unlearning_token
+from eu_jax.unierase.vocab import add_unlearning_token
+
+RESULTS_FILE = "unierase.json"
+
+
+def get_unierase_config() -> ConfigDict:
+    """The `eu-unierase` command's settings (configs/unierase.py)."""
+    return ConfigDict(
+        {
+            "checkpoint": "",  # the model to unlearn from (eu_jax checkpoint or training run)
+            "output": "",  # run folder (see the module docstring)
+            "forget": {"path": "", "split": "train", "format": "auto", "prompt_field": "prompt",
+                       "response_field": "response", "messages_field": "messages", "max_examples": 0},
+            # Texts whose MLP keys the edit must leave alone: these files ("," separated) plus the shipped
+            # general-knowledge probes; at most max_tokens tokens.
+            "retained": {"paths": "", "probes": True, "max_tokens": 100_000},
+            "token": {"name": "<unlearn_0>", "init": "mean", "pad_to_multiple": 1, "training": get_token_config()},
+            "edit": get_edit_config(),
+            "mesh": {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1},
+            "distributed": {"coordinator_address": "", "num_processes": 0, "process_id": -1, "local_device_ids": ""},
+        }
+    )
+
+
+def forget_questions(config: ConfigDict) -> list[str]:
+    """The user turns to unlearn: each record's prompt (pairs) or first user message (chats)."""
+    section = config.forget
+    if not section.path:
+        raise ValueError("config.forget.path is required: the questions to unlearn (pairs or messages data)")
+    spec = DataSpec(**{k: section[k] for k in section.keys()})
+    questions = []
+    for record in load_records(spec):
+        if record.prompt is not None:
+            questions.append(record.prompt)
+        elif record.messages is not None and any(role == "user" for role, _ in record.messages):
+            questions.append(next(content for role, content in record.messages if role == "user"))
+        else:
+            raise ValueError(f"{record.where}: a forget record needs a prompt or a user turn to unlearn")
+    return questions
+
+
+def retained_records(config: ConfigDict) -> list[Record]:
+    records = [Record(where=f"probe {p.id}", prompt=p.prompt, response=p.answer) for p in load_probes()] if config.retained.probes else []
+    for path in [p.strip() for p in config.retained.paths.split(",") if p.strip()]:
+        records.extend(load_records(DataSpec(path=path)))
+    if not records:
+        raise ValueError("no retained texts for the null space: set config.retained.paths or keep config.retained.probes")
+    return records
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / MODEL_META_FILE).is_file()
+
+
+def _build_atomically(folder: Path, build: Callable[[Path], Any]) -> Any:
+    """build(partial folder), then rename it to `folder`; a leftover partial folder is discarded first."""
+    partial = folder.with_name(folder.name + ".partial")
+    if jax.process_index() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    result = build(partial)
+    if jax.process_index() == 0:
+        partial.rename(folder)
+    return result
+
+
+def _has_token(checkpoint: Path, token: str) -> bool:
+    from eu_jax.generate_cli import load_tokenizer
+
+    return token in load_tokenizer(checkpoint).get_vocab()
+
+
+def stage_one(config: ConfigDict, questions: list[str], layers: list[int], out: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint with a trained unlearning token (the input itself when it already has the token)."""
+    source, token = Path(config.checkpoint), config.token.name
+    if _has_token(source, token):
+        return source, {"skipped": f"{source} already has {token}"}
+    folder = out / "token"
+    if _complete(folder):
+        return folder, {"reused": str(folder)}
+    start = time.perf_counter()
+    training = config.token.training
+    training.mesh = config.mesh
+
+    def build(partial: Path) -> dict[str, Any]:
+        grown = out / "token_grown.partial"
+        if jax.process_index() == 0:
+            shutil.rmtree(grown, ignore_errors=True)
+        token_id = add_unlearning_token(source, grown, token, config.token.init, config.token.pad_to_multiple, mesh_from_config(config.mesh))
+        metrics = train_unlearning_token(grown, partial, questions, token_id, layers, training)
+        if jax.process_index() == 0:
+            shutil.rmtree(grown, ignore_errors=True)
+        return {"token_id": token_id, "phases": metrics}
+
+    summary = _build_atomically(folder, build)
+    return folder, {**summary, "seconds": time.perf_counter() - start}
+
+
+def stage_two(config: ConfigDict, checkpoint: Path, questions: list[str], layers: list[int], out: Path) -> dict[str, Any]:
+    """Edit `checkpoint` so each question makes the model answer with the token; saved as OUT/model."""
+    start = time.perf_counter()
+    cfg = config.edit
+    model = EvalModel.load(checkpoint, mesh_from_config(config.mesh))
+    corpus = Encoder(model.tokenizer).encode_many(retained_records(config))
+    moments, tokens = cached_key_second_moments(checkpoint_fingerprint(checkpoint), model.config, model.params, model.mesh,
+                                                corpus, layers, config.retained.max_tokens)
+    projections = [null_space_projector(m, cfg.nullspace_threshold) for m in moments]
+    prefixes = sample_context_prefixes(model.decoder(), model.tokenizer, model.mesh, cfg.contexts.count, cfg.contexts.length, cfg.contexts.seed)
+    state = load_edit_state(locate_params(checkpoint)[2], layers, model.config.intermediate_size)
+    editor = Editor(model.config, model.params, model.tokenizer, model.mesh, cfg, np.stack([p for p, _ in projections]), state, prefixes)
+    editor.edit([EditRequest(prompt=q, target=config.token.name) for q in questions])
+    hf_files = locate_params(checkpoint)[2] / HF_FILES_DIR
+
+    def build(partial: Path) -> None:
+        save_params_checkpoint(partial, editor.params, load_model_meta(checkpoint), hf_files if hf_files.is_dir() else None)
+        if jax.process_index() == 0:
+            save_edit_state(editor.state, partial)
+
+    _build_atomically(out / "model", build)
+    f, d = model.config.intermediate_size, model.config.hidden_size
+    return {
+        "layers": layers, "retained_tokens": tokens, "null_space_dims": [dim for _, dim in projections],
+        "context_prefixes": prefixes, "rounds": editor.state.log,
+        "params_changed": len(layers) * f * d, "params_changed_share": len(layers) * f * d / model.config.num_params,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_unierase(config: ConfigDict) -> Path:
+    """Both stages; returns OUTPUT/model. Refuses an output whose edited model already exists."""
+    if not config.checkpoint or not config.output:
+        raise ValueError("config.checkpoint and config.output are required")
+    out = Path(config.output)
+    if (out / "model").exists():
+        raise FileExistsError(f"{out / 'model'} already exists; choose a new config.output")
+    out.mkdir(parents=True, exist_ok=True)
+    questions = forget_questions(config)
+    layers = parse_layers(config.edit.layers, load_model_meta(Path(config.checkpoint)).config.num_layers)
+    token_ckpt, token_summary = stage_one(config, questions, layers, out)
+    edit_summary = stage_two(config, token_ckpt, questions, layers, out)
+    if jax.process_index() == 0:
+        from eu_jax.train.config import config_to_json
+
+        write_json_atomic(out / RESULTS_FILE, {"questions": len(questions), "token": token_summary, "edit": edit_summary,
+                                               "config": config_to_json(config)})
+    return out / "model"
