@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo compare bench clean
+.PHONY: install test demo compare tofu bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ demo: install
 
 compare: install
 	$(PY) -m eu_jax.compare --config=configs/demo.py
+
+tofu: install
+	$(PY) -m eu_jax.tofu_bench --config=configs/tofu.py
 
 bench: install
 	$(PY) bench/convert.py

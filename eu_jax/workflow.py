@@ -133,15 +133,21 @@ def _load_preset(path: Path):
     return module
 
 
-def method_config(config: ConfigDict, method: str, base: Path, data: WorkflowData, work: Path) -> ConfigDict:
-    """The training config of one method on the workflow's data: a copy of `config` (built with the
-    default EU method) with the method's preset applied, as configs/experiment.py would."""
+def with_method(config: ConfigDict, method: str, presets_dir: str) -> ConfigDict:
+    """A copy of `config` (built with the default EU method) with the method's preset from `presets_dir`
+    (configs/methods) applied, as configs/experiment.py would."""
     run = copy.deepcopy(config)
     if method != "eu":
-        preset = Path(config.workflow.presets_dir) / f"{method}.py"
+        preset = Path(presets_dir) / f"{method}.py"
         if not preset.is_file():
-            raise ValueError(f"no method preset {preset}; workflow.presets_dir must point at configs/methods")
+            raise ValueError(f"no method preset {preset}; the presets folder must be configs/methods")
         _load_preset(preset).apply(run)
+    return run
+
+
+def method_config(config: ConfigDict, method: str, base: Path, data: WorkflowData, work: Path) -> ConfigDict:
+    """The training config of one method on the workflow's data."""
+    run = with_method(config, method, config.workflow.presets_dir)
     run.model.checkpoint = str(base)
     run.data.retain.path, run.data.forget.path = str(data.retain_train), str(data.forget["train"])
     run.train.output_dir = str(work / "runs" / method)

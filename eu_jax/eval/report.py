@@ -25,6 +25,12 @@ METRICS = {
     "ood_accuracy": ("out-of-domain probe accuracy", "{:.1%}"),
     "retain_nll": ("retain answer NLL", "{:.3f}"),
     "ood_answer_nll": ("out-of-domain answer NLL", "{:.2f}"),
+    "forget_quality": ("forget quality (KS p-value)", "{:.2g}"),
+    "model_utility": ("model utility", "{:.3f}"),
+    "forget_rouge": ("forget ROUGE-L recall", "{:.3f}"),
+    "forget_probability": ("forget answer probability", "{:.3f}"),
+    "params_changed": ("parameters changed", "{:.2%}"),
+    "minutes": ("minutes", "{:.1f}"),
 }
 LOSS_SKIP = ("learning_rate", "tokens_per_s", "tflops_per_device", "mfu", "grad_norm")
 

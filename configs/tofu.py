@@ -1,0 +1,48 @@
+"""The TOFU-style benchmark (`make tofu`): an experiment config plus a `tofu` section.
+
+    python -m eu_jax.tofu_bench --config=configs/tofu.py                 # SmolLM2-135M on this CPU (small)
+    python -m eu_jax.tofu_bench --config=configs/tofu.py:model=llama3_2_1b,hardware=gpu_1host \
+        --config.model.checkpoint=ckpt/llama3_2_1b --config.tofu.source=hub
+
+Every field of the section and its default is in `eu_jax/tofu_bench.py` (`tofu_section`). On the `cpu`
+hardware preset the set, the fine-tunes and the evaluation shrink so the benchmark fits a 2-core CPU; on
+accelerators the defaults apply (50 authors, 200 fine-tuning steps, every item evaluated).
+"""
+
+import importlib.util
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parent
+
+
+def _experiment():
+    spec = importlib.util.spec_from_file_location("eu_jax_configs.experiment", CONFIGS / "experiment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(spec: str = ""):
+    from eu_jax.tofu_bench import tofu_section
+
+    experiment = _experiment()
+    config = experiment.get_config(spec)
+    config.tofu = tofu_section()
+    config.tofu.presets_dir = str(CONFIGS / "methods")
+    config.train.log_every = 5
+    config.train.tensorboard = False
+    config.data.max_length = 128  # question + answer through the chat template
+    if experiment.parse_spec(spec)["hardware"] == "cpu":
+        config.data.batch_size = 4
+        config.train.async_checkpointing = False
+        config.tofu.update(num_authors=20, forget_fraction=0.1)
+        config.tofu.finetune.update(steps=60, learning_rate=1e-4)
+        config.tofu.unlearn.update(steps=12, learning_rate=1e-5)
+        config.tofu.selfgen.update(samples=24, max_new_tokens=48, batch_size=24)
+        config.tofu.eval.update(batch_size=20, max_new_tokens=32)
+        config.tofu.unierase.token.update(batch_size=4, max_length=128)
+        config.tofu.unierase.token.raw.steps = 30
+        config.tofu.unierase.token.mixed.steps = 20
+        config.tofu.unierase.token.robust.steps = 10
+        config.tofu.unierase.retained_max_tokens = 20_000
+    return config

@@ -1,0 +1,271 @@
+"""`make tofu`: the TOFU-style benchmark, UniErase against the fine-tuning unlearning methods.
+
+    python -m eu_jax.tofu_bench --config=configs/tofu.py [--config.tofu.methods=unierase,eu ...]
+
+1. the benchmark: fictitious authors made offline from templates (or the real TOFU from the hub), written
+   as `pairs` files: full (forget + retain), retain, forget, real authors, world facts;
+2. the "target": the base model fine-tuned on everything; the "retain reference": fine-tuned on the retain
+   part only (the model that never saw the forget authors);
+3. each method unlearns the forget part from the target with the same budget: UniErase (token + edit),
+   EU (retain NLL + KL to uniform on texts the target writes itself), GradDiff, NPO, IdK-DPO;
+4. TOFU's metrics on every model, forget quality against the retain reference, the share of parameters
+   each method changed and its wall-clock; a table and a plot in report/tofu.md, and the table in the
+   README between the tofu-results markers.
+
+Everything lands in one work folder and is reused by a rerun (finished fine-tunes, unlearning runs and
+evaluations), so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ml_collections import ConfigDict, config_flags
+
+from eu_jax.flag_parsing import run_config_command
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "TOFU benchmark config (see configs/tofu.py)", lock_config=True)
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+MARKERS = ("<!-- tofu-results:begin -->", "<!-- tofu-results:end -->")
+TABLE = ("forget_quality", "model_utility", "forget_rouge", "forget_probability", "params_changed", "minutes")
+FINETUNED = ("target", "retain_reference")
+
+
+def tofu_section() -> ConfigDict:
+    """The `tofu` section the benchmark adds to a training config (model / hardware presets as usual)."""
+    from eu_jax.unierase.edit import get_edit_config
+    from eu_jax.unierase.token_training import get_token_config
+
+    return ConfigDict({
+        "workdir": "",  # default: $EU_JAX_CACHE/tofu/<base checkpoint name>
+        "presets_dir": "",  # configs/methods
+        "source": "fictitious",  # or "hub": locuslab/TOFU (needs the hub)
+        "hub_split": "forget10",
+        "seed": 0, "num_authors": 50, "forget_fraction": 0.1,
+        "finetune": {"steps": 200, "learning_rate": 1e-4},  # target and retain reference
+        "methods": "unierase,eu,graddiff,npo,idk_dpo",
+        "unlearn": {"steps": 30, "learning_rate": 1e-5},  # every fine-tuning method
+        "selfgen": {"samples": 64, "max_new_tokens": 64, "batch_size": 32, "seed": 0},  # EU's forget texts
+        "unierase": {"token": get_token_config(), "edit": get_edit_config(), "retained_max_tokens": 100_000},
+        "eval": {"max_new_tokens": 48, "batch_size": 16, "max_items": 0},
+        "update_readme": True,
+    })
+
+
+def _write_marked(text: str, body: str) -> str:
+    begin, end = MARKERS
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text:
+        return text.split(begin, 1)[0] + block + text.split(end, 1)[1]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def changed_share(before: Path, after: Path) -> float:
+    """The share of `before`'s parameters whose value differs in `after` (rows a grown vocabulary adds count as changed)."""
+    import jax
+
+    from eu_jax.convert.checkpoint import load_params
+
+    a, _ = load_params(before)
+    b, _ = load_params(after)
+    changed = total = 0
+    for path, old in jax.tree_util.tree_leaves_with_path(a):
+        new = dict(jax.tree_util.tree_leaves_with_path(b))[path]
+        common = tuple(slice(0, min(x, y)) for x, y in zip(old.shape, new.shape))
+        changed += int(np.count_nonzero(old[common] != new[common])) + new.size - new[common].size
+        total += old.size
+    return changed / total
+
+
+class TofuBench:
+    """The work folder, the benchmark sets and the mesh shared by every step."""
+
+    def __init__(self, config: ConfigDict):
+        from eu_jax.data.tofu import fictitious_benchmark, hub_benchmark, write_benchmark
+        from eu_jax.parallel.mesh import mesh_from_config
+        from eu_jax.workflow import base_checkpoint
+
+        self.config, self.t = config, config.tofu
+        self.base = base_checkpoint(config)
+        from eu_jax.assets import cache_dir
+
+        self.work = Path(self.t.workdir or cache_dir() / "tofu" / self.base.name)
+        if self.t.source == "hub":
+            self.benchmark = hub_benchmark(self.t.hub_split)
+        elif self.t.source == "fictitious":
+            self.benchmark = fictitious_benchmark(self.t.seed, self.t.num_authors, self.t.forget_fraction)
+        else:
+            raise ValueError(f"tofu.source {self.t.source!r}: use 'fictitious' or 'hub'")
+        self.files = write_benchmark(self.benchmark, self.work / "data")
+        self.mesh = mesh_from_config(config.mesh)
+        self.minutes: dict[str, float] = self._read_json(self.work / "minutes.json") or {}
+
+    @staticmethod
+    def _read_json(path: Path) -> dict[str, Any] | None:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _timed(self, name: str, build) -> Path:
+        """build() -> checkpoint; its wall-clock is kept (a reused result keeps the first run's time)."""
+        from eu_jax.files import write_json_atomic
+
+        start = time.perf_counter()
+        checkpoint = build()
+        if name not in self.minutes or time.perf_counter() - start > 1:
+            self.minutes[name] = (time.perf_counter() - start) / 60
+            write_json_atomic(self.work / "minutes.json", self.minutes)
+        return checkpoint
+
+    def training(self, method: str, checkpoint: Path, retain: Path, forget: Path, name: str, steps: int, lr: float) -> ConfigDict:
+        from eu_jax.workflow import with_method
+
+        run = with_method(self.config, method, self.t.presets_dir)
+        run.model.checkpoint = str(checkpoint)
+        run.data.retain.path, run.data.forget.path = str(retain), str(forget)
+        run.train.steps, run.optimizer.learning_rate = steps, lr
+        run.train.output_dir = str(self.work / "runs" / name)
+        return run
+
+    def finetune(self, name: str, data: Path) -> Path:
+        """SFT of the base model on `data` (the forget half is the same file, unweighted)."""
+        from eu_jax.workflow import train_once
+
+        ft = self.t.finetune
+        run = self.training("retain_only", self.base, data, data, name, ft.steps, ft.learning_rate)
+        return self._timed(name, lambda: train_once(run))
+
+    def self_generated(self, target: Path) -> Path:
+        """EU's forget texts: what the target model writes itself (sampled once)."""
+        from eu_jax.eval.model import EvalModel
+        from eu_jax.selfgen import SelfGenConfig, checkpoint_provenance, self_generate
+
+        s = self.t.selfgen
+        out = self.work / "data" / "selfgen.jsonl"
+        model = EvalModel.load(target, self.mesh)
+        settings = SelfGenConfig(num_samples=s.samples, user_turns="self", max_new_tokens=s.max_new_tokens,
+                                 batch_size=s.batch_size, seed=s.seed, retain_path=str(self.files["retain"]))
+        self_generate(model.decoder(), model.tokenizer, settings, out, model.mesh, eos_ids=model.eos_ids,
+                      model_info=checkpoint_provenance(target), progress=False)
+        return out
+
+    def unlearn(self, method: str, target: Path) -> Path:
+        from eu_jax.workflow import train_once
+
+        if method == "unierase":
+            return self._timed(method, lambda: self._unierase(target))
+        forget = self.self_generated(target) if method == "eu" else self.files["forget"]
+        u = self.t.unlearn
+        run = self.training(method, target, self.files["retain"], forget, method, u.steps, u.learning_rate)
+        return self._timed(method, lambda: train_once(run))
+
+    def _unierase(self, target: Path) -> Path:
+        from eu_jax.unierase.pipeline import get_unierase_config, run_unierase
+
+        out = self.work / "runs" / "unierase"
+        if (out / "model").is_dir():
+            return out / "model"
+        config = get_unierase_config()
+        config.update(checkpoint=str(target), output=str(out))
+        config.forget.path = str(self.files["forget"])
+        config.retained.paths = str(self.files["retain"])
+        config.retained.max_tokens = self.t.unierase.retained_max_tokens
+        config.token.training = copy.deepcopy(self.t.unierase.token)
+        config.edit = copy.deepcopy(self.t.unierase.edit)
+        config.mesh = copy.deepcopy(self.config.mesh)
+        return run_unierase(config)
+
+    def evaluate(self, name: str, checkpoint: Path) -> dict[str, Any]:
+        """TOFU's metrics of one checkpoint, saved as results/<name>.json and reused for the same checkpoint."""
+        from eu_jax.eval.model import EvalModel
+        from eu_jax.eval.tofu import evaluate_tofu
+        from eu_jax.files import write_json_atomic
+
+        path = self.work / "results" / f"{name}.json"
+        saved = self._read_json(path)
+        if saved and saved.get("checkpoint") == str(checkpoint):
+            return saved
+        e = self.t.eval
+        results = evaluate_tofu(EvalModel.load(checkpoint, self.mesh, name=name), self.benchmark, e.max_new_tokens,
+                                e.batch_size, e.max_items)
+        write_json_atomic(path, results)
+        return results
+
+
+def headline(results: dict[str, Any], minutes: float | None, changed: float | None) -> dict[str, float]:
+    row = {"model_utility": results["model_utility"], "forget_rouge": results["forget"]["rouge_l_recall"],
+           "forget_probability": results["forget"]["probability"]}
+    if "forget_quality" in results:
+        row["forget_quality"] = results["forget_quality"]["p_value"]
+    if minutes is not None:
+        row["minutes"] = minutes
+    if changed is not None:
+        row["params_changed"] = changed
+    return row
+
+
+def plot_quality_utility(rows: dict[str, dict[str, float]], out: Path) -> Path:
+    """TOFU's picture: forget quality (log scale, up is better) against model utility (right is better)."""
+    from eu_jax.eval.report import plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    for i, (name, row) in enumerate(rows.items()):
+        ax.scatter(row["model_utility"], max(row.get("forget_quality", np.nan), 1e-30), color=f"C{i}", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility")
+    ax.set_ylabel("forget quality (KS p-value)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def run(config: ConfigDict) -> int:
+    from eu_jax.eval.report import metrics_table
+    from eu_jax.eval.tofu import add_forget_quality
+
+    bench = TofuBench(config)
+    t = bench.t
+    target, reference = bench.finetune("target", bench.files["full"]), bench.finetune("retain_reference", bench.files["retain"])
+    reference_results = bench.evaluate("retain_reference", reference)
+    rows = {}
+    for name, checkpoint in (("target", target), ("retain_reference", reference)):
+        results = add_forget_quality(bench.evaluate(name, checkpoint), reference_results)
+        rows[name] = headline(results, bench.minutes.get(name), None)
+    for method in [m.strip() for m in t.methods.split(",") if m.strip()]:
+        print(f"\n== {method}: unlearning the forget authors from the target", flush=True)
+        checkpoint = bench.unlearn(method, target)
+        results = add_forget_quality(bench.evaluate(method, checkpoint), reference_results)
+        rows[method] = headline(results, bench.minutes.get(method), changed_share(target, checkpoint))
+
+    out = bench.work / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    b = bench.benchmark
+    section = "\n\n".join([
+        metrics_table(rows, TABLE),
+        f"Setup: {t.source} TOFU set ({len(b.forget)} forget / {len(b.retain)} retain questions, {len(b.real_authors)} real "
+        f"authors, {len(b.world_facts)} world facts; seed {t.seed}); target and retain reference fine-tuned "
+        f"{t.finetune.steps} steps at lr {t.finetune.learning_rate}; each fine-tuning method {t.unlearn.steps} steps at lr "
+        f"{t.unlearn.learning_rate}, batch {config.data.batch_size} + {config.data.batch_size}; minutes are wall-clock "
+        f"on the machine that ran it (UniErase: both stages).",
+    ])
+    plot_quality_utility(rows, out / "tofu_quality_utility.png")
+    (out / "tofu.md").write_text("\n\n".join(["# TOFU-style benchmark", section,
+                                              "![forget quality vs model utility](tofu_quality_utility.png)"]) + "\n")
+    if t.update_readme and README.is_file():
+        README.write_text(_write_marked(README.read_text(), section + f"\n\nPlot: `{out / 'tofu.md'}`."))
+    print("\n" + section + f"\n\nreport: {out / 'tofu.md'}")
+    return 0
+
+
+def main() -> None:
+    run_config_command("tofu", _CONFIG, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""`make tofu` on a tiny chat model: every stage runs, the table is built from real results, reruns reuse them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eu_jax import tofu_bench
+from tests.tiny_run import make_chat_checkpoint
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def tofu_config():
+    spec = importlib.util.spec_from_file_location("tofu_config", CONFIGS / "tofu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("")
+
+
+def test_changed_share_counts_differing_and_added_values(tmp_path):
+    from eu_jax.convert.checkpoint import load_params, save_params_checkpoint
+
+    ckpt = make_chat_checkpoint(tmp_path)
+    params, meta = load_params(ckpt)
+    total = sum(np.size(leaf) for leaf in __import__("jax").tree.leaves(params))
+    edited = dict(params, final_norm={"scale": np.asarray(params["final_norm"]["scale"]) + 1.0})
+    save_params_checkpoint(tmp_path / "edited", edited, meta)
+    assert tofu_bench.changed_share(ckpt, tmp_path / "edited") == pytest.approx(64 / total)
+    assert tofu_bench.changed_share(ckpt, ckpt) == 0.0
+
+
+def test_the_benchmark_runs_every_stage_and_reuses_them(tmp_path):
+    config = tofu_config()
+    config.model.checkpoint = str(make_chat_checkpoint(tmp_path))
+    config.data.update(batch_size=8, max_length=160)
+    t = config.tofu
+    t.update(workdir=str(tmp_path / "work"), methods="unierase,graddiff", num_authors=10, update_readme=False)
+    t.finetune.steps, t.unlearn.steps = 4, 2
+    t.eval.update(max_items=4, max_new_tokens=8, batch_size=8)
+    token = t.unierase.token
+    token.update(batch_size=8, max_length=160)
+    token.raw.steps, token.mixed.steps, token.robust.steps = 2, 1, 1
+    t.unierase.edit.update(layers="0", contexts={"count": 1, "length": 4, "seed": 0})
+    t.unierase.edit.target.steps = 2
+    t.unierase.retained_max_tokens = 500
+    readme = tofu_bench.README.read_text()
+
+    assert tofu_bench.run(config) == 0
+
+    work = tmp_path / "work"
+    for name in ("target", "retain_reference", "unierase", "graddiff"):
+        results = json.loads((work / "results" / f"{name}.json").read_text())
+        assert results["forget"]["count"] == 4 and 0 <= results["model_utility"] <= 1  # a random tiny model knows no authors
+    report = (work / "report" / "tofu.md").read_text()
+    for row in ("target", "retain_reference", "unierase", "graddiff"):
+        assert f"| {row} |" in report
+    assert (work / "report" / "tofu_quality_utility.png").stat().st_size > 1000
+    unierase_row = next(line for line in report.splitlines() if line.startswith("| unierase |"))
+    graddiff_row = next(line for line in report.splitlines() if line.startswith("| graddiff |"))
+    # UniErase touches one layer's down_proj and one token row; fine-tuning moves (almost) every parameter.
+    share = lambda row: float(row.split("|")[6].strip().rstrip("%"))  # noqa: E731
+    assert share(unierase_row) < 10 < share(graddiff_row)
+    assert tofu_bench.README.read_text() == readme
+    minutes = json.loads((work / "minutes.json").read_text())
+    assert set(minutes) == {"target", "retain_reference", "unierase", "graddiff"}
+
+    saved = {p.name: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")}
+    assert tofu_bench.run(config) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")} == saved
+    assert json.loads((work / "minutes.json").read_text()) == minutes
