@@ -10,17 +10,15 @@ the sizes shrink so the whole demo finishes in about 15 minutes on a 2-core CPU;
 model preset's batch and sequence length apply and the data sets grow.
 """
 
-import importlib.util
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent
 
 
 def _experiment():
-    spec = importlib.util.spec_from_file_location("eu_jax_configs.experiment", CONFIGS / "experiment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from eu_jax.files import load_python_file
+
+    return load_python_file(CONFIGS / "experiment.py")
 
 
 def get_config(spec: str = ""):

@@ -16,7 +16,6 @@ ml_collections passes the text after ':' to `get_config`. Parts left out take th
 Anything can still be overridden afterwards on the command line (`--config.optimizer.learning_rate=...`).
 """
 
-import importlib.util
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent
@@ -43,11 +42,9 @@ def parse_spec(spec: str) -> dict[str, str]:
 
 
 def _load(path: Path):
-    # Config files are loaded by path (configs/ is not a package on sys.path when eu-train runs).
-    spec = importlib.util.spec_from_file_location(f"eu_jax_configs.{path.parent.name}.{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from eu_jax.files import load_python_file
+
+    return load_python_file(path)
 
 
 def get_config(spec: str = ""):

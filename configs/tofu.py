@@ -9,17 +9,15 @@ hardware preset the set, the fine-tunes and the evaluation shrink so the benchma
 accelerators the defaults apply (50 authors, 200 fine-tuning steps, every item evaluated).
 """
 
-import importlib.util
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent
 
 
 def _experiment():
-    spec = importlib.util.spec_from_file_location("eu_jax_configs.experiment", CONFIGS / "experiment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from eu_jax.files import load_python_file
+
+    return load_python_file(CONFIGS / "experiment.py")
 
 
 def get_config(spec: str = ""):

@@ -29,7 +29,6 @@ from ml_collections import ConfigDict, config_flags
 
 from eu_jax.flag_parsing import run_config_command
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "TOFU benchmark config (see configs/tofu.py)", lock_config=True)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKERS = ("<!-- tofu-results:begin -->", "<!-- tofu-results:end -->")
@@ -264,7 +263,9 @@ def run(config: ConfigDict) -> int:
 
 
 def main() -> None:
-    run_config_command("tofu", _CONFIG, run)
+    # Defined here, not at import: the tests import several config-file commands into one process.
+    config = config_flags.DEFINE_config_file("config", None, "TOFU benchmark config (see configs/tofu.py)", lock_config=True)
+    run_config_command("tofu", config, run)
 
 
 if __name__ == "__main__":

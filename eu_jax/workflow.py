@@ -10,7 +10,6 @@ attack. Every step writes into one work folder and reuses what an earlier run al
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from eu_jax.data.domains import MathDomain, write_math_domain
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.sentence_encoder import SentenceEncoder, fetch_minilm
 from eu_jax.eval.suite import EvalSuite, get_eval_config
-from eu_jax.files import write_json_atomic
+from eu_jax.files import load_python_file, write_json_atomic
 from eu_jax.parallel.mesh import mesh_from_config
 from eu_jax.selfgen import SelfGenConfig, checkpoint_provenance, self_generate
 from eu_jax.train.config import config_to_json
@@ -126,13 +125,6 @@ def prepare_data(config: ConfigDict, base: Path, work: Path) -> WorkflowData:
     return WorkflowData(domain["train"], domain["heldout"], paths)
 
 
-def _load_preset(path: Path):
-    spec = importlib.util.spec_from_file_location(f"eu_jax_presets.{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def with_method(config: ConfigDict, method: str, presets_dir: str) -> ConfigDict:
     """A copy of `config` (built with the default EU method) with the method's preset from `presets_dir`
     (configs/methods) applied, as configs/experiment.py would."""
@@ -141,7 +133,7 @@ def with_method(config: ConfigDict, method: str, presets_dir: str) -> ConfigDict
         preset = Path(presets_dir) / f"{method}.py"
         if not preset.is_file():
             raise ValueError(f"no method preset {preset}; the presets folder must be configs/methods")
-        _load_preset(preset).apply(run)
+        load_python_file(preset, package="eu_jax_presets").apply(run)
     return run
 
 

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from eu_jax import compare
+from eu_jax.files import load_python_file
 from tests.tiny_run import make_chat_checkpoint
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def demo_config():
-    spec = importlib.util.spec_from_file_location("demo_config", CONFIGS / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("")
+    return load_python_file(CONFIGS / "demo.py").get_config("")
 
 
 def test_compare_runs_each_method_and_its_relearning_attack(tmp_path):

@@ -4,7 +4,6 @@ the commands they would run."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import shlex
@@ -16,6 +15,7 @@ import pytest
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
+from eu_jax.files import load_python_file
 from eu_jax.models.config import RuntimeOptions
 from eu_jax.objectives.registry import Objective, available_terms, get_term
 from eu_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
@@ -30,10 +30,7 @@ LAUNCH = ROOT / "launch"
 
 
 def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(f"test_configs_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_python_file(path, package="test_configs")
 
 
 experiment = _load(EXPERIMENT)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,16 +9,14 @@ import numpy as np
 import pytest
 
 from eu_jax import tofu_bench
+from eu_jax.files import load_python_file
 from tests.tiny_run import make_chat_checkpoint
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def tofu_config():
-    spec = importlib.util.spec_from_file_location("tofu_config", CONFIGS / "tofu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("")
+    return load_python_file(CONFIGS / "tofu.py").get_config("")
 
 
 def test_changed_share_counts_differing_and_added_values(tmp_path):

@@ -7,8 +7,6 @@ from ml_collections import config_flags
 
 from eu_jax.flag_parsing import run_config_command
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "UniErase config (see configs/unierase.py)", lock_config=True)
-
 
 def _run(config) -> int:
     from eu_jax.parallel.distributed import DistributedSettings, initialize_distributed
@@ -22,7 +20,8 @@ def _run(config) -> int:
 def main() -> None:
     from eu_jax.data import DataError
 
-    run_config_command("eu-unierase", _CONFIG, _run, (DataError, ValueError, OSError))
+    config = config_flags.DEFINE_config_file("config", None, "UniErase config (see configs/unierase.py)", lock_config=True)
+    run_config_command("eu-unierase", config, _run, (DataError, ValueError, OSError))
 
 
 if __name__ == "__main__":
