@@ -52,7 +52,7 @@ def _editor(model: EvalModel, layers: list[int], **overrides) -> Editor:
     cfg = get_edit_config()
     cfg.update(overrides)
     moments, _ = key_second_moments(model.config, model.params, model.mesh, _retained_corpus(model), layers)
-    projectors = np.stack([null_space_projector(m, cfg.nullspace_threshold)[0] for m in moments])
+    projectors = np.stack([null_space_projector(m, cfg.nullspace_energy)[0] for m in moments])
     return Editor(model.config, model.params, model.tokenizer, model.mesh, cfg, projectors,
                   EditState.empty(layers, model.config.intermediate_size))
 
@@ -71,6 +71,17 @@ def test_closed_form_matches_numpy_and_lies_in_the_null_space():
     expected = np.linalg.solve(p @ (keys.T @ keys + previous) + 0.5 * np.eye(f), p @ keys.T @ residual)
     np.testing.assert_allclose(update, expected, rtol=1e-3, atol=1e-4)
     assert np.abs(retained @ update).max() < 1e-3 * np.abs(keys @ update).max()  # retained keys see no change
+
+
+def test_the_null_space_holds_at_most_the_given_share_of_retained_energy():
+    rng = np.random.default_rng(1)
+    basis, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    values = np.array([0.001, 0.002, 0.007, 0.09, 0.4, 0.5])  # shares of a total of 1.0
+    moments = basis @ np.diag(values) @ basis.T
+    for energy, dims in ((0.0005, 0), (0.003, 2), (0.01, 3), (0.2, 4)):
+        projector, null_dim = null_space_projector(moments, energy)
+        assert null_dim == dims
+        np.testing.assert_allclose(projector, basis[:, :dims] @ basis[:, :dims].T, atol=1e-6)
 
 
 def test_layer_band_scales_with_depth_and_bad_layers_are_named():
@@ -125,10 +136,10 @@ def test_an_edit_makes_forget_questions_say_the_target_and_keeps_the_rest(learne
 
 
 def test_retained_keys_see_no_output_change(learned):
-    """With fewer retained tokens (478) than key dimensions (512) and a threshold near zero, the null space is
+    """With fewer retained tokens (478) than key dimensions (512) and an energy share near zero, the null space is
     exact: the retained tokens' down_proj outputs (so all the retained texts compute) stay put to float precision."""
     layers = [1]
-    editor = _editor(learned, layers, position="prompt_end", contexts={"count": 0, "length": 0, "seed": 0}, nullspace_threshold=1e-6)
+    editor = _editor(learned, layers, position="prompt_end", contexts={"count": 0, "length": 0, "seed": 0}, nullspace_energy=1e-9)
     editor.edit([EditRequest(prompt=q, target=TARGET) for q, _ in FORGET])
     corpus = _retained_corpus(learned)
     ids = np.zeros((len(corpus), max(len(e) for e in corpus)), np.int32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,7 @@ def get_edit_config() -> ConfigDict:
             "layers": "",  # comma-separated layer indices; "" = default_edit_layers(depth)
             "requests_per_round": 0,  # 0: one batch edit of all requests; k: sequential rounds of k
             "l2": 10.0,  # lam: ridge term of the closed form
-            "nullspace_threshold": 2e-2,  # eigenvalues of E[k k^T] below this span the null space
+            "nullspace_energy": 1e-2,  # the null space may hold at most this share of retained keys' energy
             "contexts": {"count": 5, "length": 10, "seed": 0},  # self-sampled context prefixes (plus the plain prompt)
             "kl_template": "{} is a",  # the essence prompt whose next-token distribution is kept
             "position": "subject",  # where the edit acts: the subject's last token, or "prompt_end"
@@ -260,11 +260,13 @@ class Editor:
         self.state.log.append(record)
         return record
 
-    def edit(self, requests: Sequence[EditRequest]) -> Params:
-        """All requests, in rounds of `requests_per_round` (0: one round), in order."""
+    def edit(self, requests: Sequence[EditRequest], on_round: Callable[[dict[str, Any]], None] | None = None) -> Params:
+        """All requests, in rounds of `requests_per_round` (0: one round), in order; `on_round` sees each round's record."""
         size = self.cfg.requests_per_round or len(requests)
         for start in range(0, len(requests), size):
-            self.edit_round(requests[start : start + size])
+            record = self.edit_round(requests[start : start + size])
+            if on_round is not None:
+                on_round(record)
         return self.params
 
 

@@ -81,6 +81,17 @@ def retained_records(config: ConfigDict) -> list[Record]:
     return records
 
 
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"unierase: {message}", flush=True)
+
+
+def _report_round(record: dict[str, Any]) -> None:
+    _say(f"edit round {record['round']}: {record['requests']} questions, mean target NLL "
+         f"{np.mean(record['target_nll_before']):.2f} -> {np.mean(record['target_nll_after']):.2f} "
+         f"(the target residuals reached {np.mean(record['target_nll_at_z_star']):.2f})")
+
+
 def _complete(folder: Path) -> bool:
     return (folder / MODEL_META_FILE).is_file()
 
@@ -136,11 +147,13 @@ def stage_two(config: ConfigDict, checkpoint: Path, questions: list[str], layers
     corpus = Encoder(model.tokenizer).encode_many(retained_records(config))
     moments, tokens = cached_key_second_moments(checkpoint_fingerprint(checkpoint), model.config, model.params, model.mesh,
                                                 corpus, layers, config.retained.max_tokens)
-    projections = [null_space_projector(m, cfg.nullspace_threshold) for m in moments]
+    projections = [null_space_projector(m, cfg.nullspace_energy) for m in moments]
+    _say(f"null space of {tokens} retained tokens' keys, layers {layers}: {[dim for _, dim in projections]} of "
+         f"{model.config.intermediate_size} dimensions")
     prefixes = sample_context_prefixes(model.decoder(), model.tokenizer, model.mesh, cfg.contexts.count, cfg.contexts.length, cfg.contexts.seed)
     state = load_edit_state(locate_params(checkpoint)[2], layers, model.config.intermediate_size)
     editor = Editor(model.config, model.params, model.tokenizer, model.mesh, cfg, np.stack([p for p, _ in projections]), state, prefixes)
-    editor.edit([EditRequest(prompt=q, target=config.token.name) for q in questions])
+    editor.edit([EditRequest(prompt=q, target=config.token.name) for q in questions], on_round=_report_round)
     hf_files = locate_params(checkpoint)[2] / HF_FILES_DIR
 
     def build(partial: Path) -> None:
