@@ -49,7 +49,8 @@ def tofu_section() -> ConfigDict:
         "seed": 0, "num_authors": 50, "forget_fraction": 0.1,
         "finetune": {"steps": 200, "learning_rate": 1e-4},  # target and retain reference
         "methods": "unierase,eu,graddiff,npo,idk_dpo",
-        "unlearn": {"steps": 30, "learning_rate": 1e-5},  # every fine-tuning method
+        # Every fine-tuning method; learning_rate 0 keeps the model preset's (scaled by the method's preset).
+        "unlearn": {"steps": 30, "learning_rate": 0.0},
         "selfgen": {"samples": 64, "max_new_tokens": 64, "batch_size": 32, "seed": 0},  # EU's forget texts
         "unierase": {"token": get_token_config(), "edit": get_edit_config(), "retained_max_tokens": 100_000},
         "eval": {"max_new_tokens": 48, "batch_size": 16, "max_items": 0},
@@ -126,7 +127,9 @@ class TofuBench:
         run = with_method(self.config, method, self.t.presets_dir)
         run.model.checkpoint = str(checkpoint)
         run.data.retain.path, run.data.forget.path = str(retain), str(forget)
-        run.train.steps, run.optimizer.learning_rate = steps, lr
+        run.train.steps = steps
+        if lr > 0:
+            run.optimizer.learning_rate = lr
         run.train.output_dir = str(self.work / "runs" / name)
         return run
 
@@ -250,7 +253,8 @@ def run(config: ConfigDict) -> int:
         f"Setup: {t.source} TOFU set ({len(b.forget)} forget / {len(b.retain)} retain questions, {len(b.real_authors)} real "
         f"authors, {len(b.world_facts)} world facts; seed {t.seed}); target and retain reference fine-tuned "
         f"{t.finetune.steps} steps at lr {t.finetune.learning_rate}; each fine-tuning method {t.unlearn.steps} steps at lr "
-        f"{t.unlearn.learning_rate}, batch {config.data.batch_size} + {config.data.batch_size}; minutes are wall-clock "
+        f"{t.unlearn.learning_rate or config.optimizer.learning_rate} (times its preset's factor), batch {config.data.batch_size} + "
+        f"{config.data.batch_size}; minutes are wall-clock "
         f"on the machine that ran it (UniErase: both stages).",
     ])
     plot_quality_utility(rows, out / "tofu_quality_utility.png")
