@@ -24,13 +24,9 @@ def _experiment():
 def get_config(spec: str = ""):
     from eu_jax.workflow import workflow_section
 
-    experiment = _experiment()
-    config = experiment.get_config(spec)
-    config.workflow = workflow_section()
-    config.workflow.presets_dir = str(CONFIGS / "methods")
+    config, hardware = _experiment().with_workflow(spec, "workflow", workflow_section())
     config.train.log_every = 2
-    config.train.tensorboard = False
-    if experiment.parse_spec(spec)["hardware"] == "cpu":
+    if hardware == "cpu":
         config.train.steps = 30
         config.data.batch_size = 4
         config.data.max_length = 96  # self-generated texts here are about 80 tokens

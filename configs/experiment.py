@@ -53,3 +53,13 @@ def get_config(spec: str = ""):
     for kind, folder in PRESET_DIRS.items():
         _load(CONFIGS / folder / f"{choices[kind]}.py").apply(config)
     return config
+
+
+def with_workflow(spec: str, name: str, section) -> tuple:
+    """An experiment plus a command's section (`workflow` for demo/compare, `tofu` for the benchmark) whose
+    `presets_dir` points at configs/methods; also returns the hardware preset's name, which sizes it."""
+    config = get_config(spec)
+    config[name] = section
+    config[name].presets_dir = str(CONFIGS / "methods")
+    config.train.tensorboard = False
+    return config, parse_spec(spec)["hardware"]

@@ -23,14 +23,10 @@ def _experiment():
 def get_config(spec: str = ""):
     from eu_jax.tofu_bench import tofu_section
 
-    experiment = _experiment()
-    config = experiment.get_config(spec)
-    config.tofu = tofu_section()
-    config.tofu.presets_dir = str(CONFIGS / "methods")
+    config, hardware = _experiment().with_workflow(spec, "tofu", tofu_section())
     config.train.log_every = 5
-    config.train.tensorboard = False
     config.data.max_length = 128  # question + answer through the chat template
-    if experiment.parse_spec(spec)["hardware"] == "cpu":
+    if hardware == "cpu":
         config.data.batch_size = 4
         config.train.async_checkpointing = False
         # 10 authors (10 forget / 90 retain questions), fine-tuned for ~6 epochs: about an hour in all here.
