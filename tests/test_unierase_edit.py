@@ -19,7 +19,8 @@ from eu_jax.train.loop import train
 from eu_jax.unierase.covariance import cached_key_second_moments, checkpoint_fingerprint, key_second_moments, null_space_projector
 from eu_jax.unierase.edit import Editor, EditState, _closed_form, default_edit_layers, get_edit_config, parse_layers, sample_context_prefixes
 from eu_jax.unierase.requests import EditEncoder, EditRequest
-from eu_jax.unierase.tracing import at_positions, run_layers
+from eu_jax.unierase.tracing import run_layers
+from eu_jax.unierase.vocab import add_unlearning_token
 from tests.tiny_run import make_chat_checkpoint, tiny_config, write_jsonl
 
 NAMES = ["Nalo", "Brix", "Quen", "Tavi", "Morp", "Zelk", "Fira", "Dunt", "Olma", "Vesk",
@@ -27,12 +28,13 @@ NAMES = ["Nalo", "Brix", "Quen", "Tavi", "Morp", "Zelk", "Fira", "Dunt", "Olma",
 JOBS = ["a baker", "a pilot", "a nurse", "a miner", "a judge", "a tailor"]
 FACTS = [(f"Who is {name}?", JOBS[i % len(JOBS)]) for i, name in enumerate(NAMES)]
 FORGET, RETAIN = FACTS[:3], FACTS[3:]
-TARGET = "#"  # any single token works for stage 2; UniErase uses its trained <unlearn_0>
+TARGET = "<unlearn_0>"  # added to the trained model's vocabulary (stage 1's first step); its row is the mean
 
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory) -> EvalModel:
-    """A 4-layer tiny Llama (wide MLP, so retained keys leave a null space) trained on the facts."""
+    """A 4-layer tiny Llama (wide MLP, so retained keys leave a null space) trained on the facts, with the
+    unlearning token added."""
     root = tmp_path_factory.mktemp("unierase_edit")
     data = write_jsonl(root / "facts.jsonl", [{"prompt": q, "response": a} for q, a in FACTS])
     ckpt = make_chat_checkpoint(root, num_hidden_layers=4, intermediate_size=512)
@@ -41,7 +43,8 @@ def learned(tmp_path_factory) -> EvalModel:
                          optimizer={"learning_rate": 3e-3, "warmup_steps": 20},
                          data={"batch_size": 16, "max_length": 32}, mesh={"fsdp": 1})
     train(config, devices=jax.devices()[:1])
-    return EvalModel.load(root / "learn" / "checkpoints", single_device_mesh())
+    add_unlearning_token(root / "learn" / "checkpoints", root / "with_token", TARGET)
+    return EvalModel.load(root / "with_token", single_device_mesh())
 
 
 def _retained_corpus(model: EvalModel):
@@ -115,7 +118,7 @@ def test_edit_positions_point_at_the_subject_and_the_prompt_end(learned):
 def test_an_edit_makes_forget_questions_say_the_target_and_keeps_the_rest(learned):
     layers = [1, 2]
     editor = _editor(learned, layers, position="prompt_end", contexts={"count": 0, "length": 0, "seed": 0})
-    editor.cfg.target.steps = 60
+    editor.cfg.target.steps = 100
     forget = [EditRequest(prompt=q, target=TARGET) for q, _ in FORGET]
     retain = [EditRequest(prompt=q, target=a) for q, a in RETAIN]  # NLL of each true answer
     retain_before = editor.target_nll(retain)

@@ -7,7 +7,7 @@ one row, or by up to `pad_to_multiple` rows so that a `tensor` mesh axis still d
 (the sharding table puts `vocab` on `tensor` and refuses sizes it does not divide). Padding rows are
 zeros: no token maps to them.
 
-The token's row starts from the mean of the rows of the tokenizer's existing tokens, or from a copy of
+The token's row starts from the mean direction of the tokenizer's existing tokens' rows, at their mean norm, or from a copy of
 one named token's row (its output column likewise when the head is untied), never from noise: a row far
 from the others would give the token an arbitrary logit before training has touched it.
 """
@@ -87,11 +87,17 @@ def grown_vocab_size(config: ModelConfig, token_id: int, pad_to_multiple: int) -
 
 def with_token_row(matrix: jax.Array, vocab_axis: int, new_size: int, token_id: int, source_id: int | None) -> jax.Array:
     """`matrix` with its vocabulary axis grown to `new_size` (zero rows) and row `token_id` set to the mean
-    of rows [0, token_id) or to a copy of row `source_id`; means are taken in fp32."""
+    direction of rows [0, token_id) at their mean norm, or to a copy of row `source_id` (fp32 arithmetic).
+
+    The plain mean would be a short vector (random rows average out), and a short output row caps the
+    token's logit whatever the final-norm hidden state is: no edit could then make the model say it.
+    """
     rows = jnp.moveaxis(matrix, vocab_axis, 0)
     rows = jnp.pad(rows, [(0, new_size - rows.shape[0]), (0, 0)])
     if source_id is None:
-        init = jnp.mean(rows[:token_id].astype(jnp.float32), axis=0)
+        old = rows[:token_id].astype(jnp.float32)
+        mean = jnp.mean(old, axis=0)
+        init = mean * jnp.mean(jnp.linalg.norm(old, axis=1)) / jnp.maximum(jnp.linalg.norm(mean), 1e-12)
     else:
         init = rows[source_id]
     rows = rows.at[token_id].set(init.astype(rows.dtype))
