@@ -33,6 +33,8 @@ tofu: install
 bench: install
 	$(PY) bench/convert.py
 	$(PY) bench/generate.py
+	$(PY) bench/train_step.py
+	$(PY) bench/train_scaling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

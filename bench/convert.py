@@ -21,29 +21,24 @@ import datetime
 import json
 import math
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from harness import log, machine_description, peak_rss_bytes, report_child_result, run_child_process
 from report import BENCHMARKS, publish
 
 from eu_jax.convert.cli import parse_size  # light: argparse only, no jax in this parent process
 
-ROOT = Path(__file__).resolve().parent.parent
 SECTION_TITLE = "## Conversion (bench/convert.py)"
 
 FULL_LAYERS = 16  # Llama-3.2-1B
 FULL_VOCAB = 128256
 GB = 10**9
-RESULT_PREFIX = "BENCH_RESULT "
 COPY_CHUNK_BYTES = 64 * 2**20
-
-_STARTED = time.perf_counter()
 
 # Goals from the project's performance issue.
 IMPORT_TIME_GOAL = 2.0  # import time at most this many times the raw read of the same bytes
@@ -268,26 +263,9 @@ CHILD_STEPS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak RSS since exec.
-
-    /proc's VmHWM belongs to the address space made by exec; ``ru_maxrss`` would be wrong here, because
-    Linux carries the parent's high-water mark over into a child through fork/vfork + exec.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; an upper bound
-
-
 def run_child(name: str, kwargs_json: str) -> None:
     """Entry point inside the child: run one step, then print its result with this process's peak RSS."""
-    result = CHILD_STEPS[name](**json.loads(kwargs_json))
-    result["peak_rss"] = peak_rss_bytes()
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    report_child_result(CHILD_STEPS[name](**json.loads(kwargs_json)))
 
 
 # ----------------------------------------------------------------------------------------- the parent
@@ -305,23 +283,6 @@ class Step:
     @property
     def gb_per_s(self) -> float:
         return self.bytes / GB / self.seconds if self.seconds else float("nan")
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.perf_counter() - _STARTED:6.1f}s] {message}", flush=True)
-
-
-def run_child_process(child: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """One child step in a fresh interpreter, after flushing dirty pages so earlier writes don't slow it."""
-    os.sync()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", child, json.dumps(kwargs)]
-    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise RuntimeError(f"benchmark step {child!r} failed with exit code {proc.returncode}")
-    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def run_step(
@@ -342,7 +303,7 @@ def run_step(
     log(f"{name}: {work} ...")
     results = []
     for _ in range(runs):
-        results.append(run_child_process(child, kwargs))
+        results.append(run_child_process(__file__, child, kwargs))
         if cleanup is not None:
             cleanup()
     seconds = ", ".join(f"{result['seconds']:.2f}" for result in results)
@@ -409,27 +370,6 @@ def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_run
 
 
 # ----------------------------------------------------------------------------------------- the report
-
-
-def machine_description() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = ""
-    try:
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        kib = int(next(line for line in meminfo if line.startswith("MemTotal")).split()[1])
-        memory = f", {kib * 1024 / 2**30:.1f} GiB RAM"
-    except (OSError, StopIteration, ValueError):
-        pass
-    cores = len(os.sched_getaffinity(0))
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{cores} cores ({model}){memory}, load average {load} at the end of the run"
 
 
 def verdict(ratio: float, goal: float) -> str:

@@ -21,11 +21,11 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+from harness import fastest_torch_threads, log, machine_description, timed  # noqa: E402
 from report import BENCHMARKS, publish  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -86,10 +86,6 @@ class Row:
         return 1000 * (best - prefill) / (self.new_tokens - 1)
 
 
-def log(message: str) -> None:
-    print(f"[bench] {message}", flush=True)
-
-
 def load_models(workdir: Path):
     """eu_jax decoder (imported from the GGUF into `workdir`), transformers' own GGUF load, the tokenizer."""
     gguf = fetch_smollm2()
@@ -109,29 +105,6 @@ def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
     return [list(tokenizer.apply_chat_template(t, add_generation_prompt=True, return_dict=False)) for t in turns]
 
 
-def timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
-    start = time.perf_counter()
-    tokens = fn()
-    return time.perf_counter() - start, tokens
-
-
-def fastest_torch_threads(theirs: Callable[[int], list[list[int]]]) -> int:
-    """Pick torch's thread count (1 or every core) by a short run of each.
-
-    OpenMP threads spin at barriers, so on a shared, busy 2-core box two threads can run several times
-    slower than one, while on an idle box two are faster. The baseline gets whichever is better now.
-    """
-    seconds = {}
-    for threads in sorted({1, len(os.sched_getaffinity(0))}):
-        torch.set_num_threads(threads)
-        theirs(4)  # warm-up
-        seconds[threads] = timed(lambda: theirs(8))[0]
-    best = min(seconds, key=seconds.get)
-    log("torch threads probe: " + ", ".join(f"{t}: {s:.2f} s" for t, s in seconds.items()) + f"; using {best}")
-    torch.set_num_threads(best)
-    return best
-
-
 def measure(decoder, reference, tokenizer, batch: int, new_tokens: int, runs: int) -> Row:
     prompts = chat_prompts(tokenizer, batch)
     pad_id = tokenizer.pad_token_id
@@ -148,7 +121,7 @@ def measure(decoder, reference, tokenizer, batch: int, new_tokens: int, runs: in
             )
         return out[:, ids.shape[1] :].tolist()
 
-    threads = fastest_torch_threads(theirs)
+    threads = fastest_torch_threads(lambda: theirs(8))
     eu_first, eu_tokens = timed(ours)
     hf_first, hf_tokens = timed(theirs)
     ours(1)  # compiles the 1-token variant
@@ -169,16 +142,6 @@ def measure(decoder, reference, tokenizer, batch: int, new_tokens: int, runs: in
 
 
 # ----------------------------------------------------------------------------------------- the report
-
-
-def machine_description() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{len(os.sched_getaffinity(0))} cores ({model}), load average {load} at the end of the run"
 
 
 def render_section(rows: list[Row], runs: int, seconds: float) -> str:

@@ -1,0 +1,108 @@
+"""What every benchmark script shares: progress lines, the machine's description, a process's peak RSS,
+steps run in fresh child processes, and the choice of torch's thread count."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT_PREFIX = "BENCH_RESULT "
+_STARTED = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.perf_counter() - _STARTED:6.1f}s] {message}", flush=True)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def machine_description() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        kib = int(next(line for line in meminfo if line.startswith("MemTotal")).split()[1])
+        memory = f", {kib * 1024 / 2**30:.1f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    cores = len(os.sched_getaffinity(0))
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{cores} cores ({model}){memory}, load average {load} at the end of the run"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since exec.
+
+    /proc's VmHWM belongs to the address space made by exec; ``ru_maxrss`` would be wrong here, because
+    Linux carries the parent's high-water mark over into a child through fork/vfork + exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; an upper bound
+
+
+def current_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def report_child_result(result: dict[str, Any]) -> None:
+    """Inside a child: print its result, with the process's peak RSS, where the parent looks for it."""
+    result["peak_rss"] = peak_rss_bytes()
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child_process(script: str, child: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`script --child CHILD KWARGS_JSON` in a fresh interpreter (after flushing dirty pages), its result."""
+    os.sync()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [sys.executable, str(Path(script).resolve()), "--child", child, json.dumps(kwargs)]
+    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise RuntimeError(f"benchmark step {child!r} failed with exit code {proc.returncode}")
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+def fastest_torch_threads(work: Callable[[], Any]) -> int:
+    """Pick torch's thread count (1 or every core) by a short run of `work` with each (after a warm-up).
+
+    OpenMP threads spin at barriers, so on a shared, busy 2-core box two threads can run several times
+    slower than one, while on an idle box two are faster. The baseline gets whichever is better now.
+    """
+    import torch
+
+    seconds = {}
+    for threads in sorted({1, len(os.sched_getaffinity(0))}):
+        torch.set_num_threads(threads)
+        work()
+        seconds[threads] = timed(work)[0]
+    best = min(seconds, key=seconds.get)
+    log("torch threads probe: " + ", ".join(f"{t}: {s:.2f} s" for t, s in seconds.items()) + f"; using {best}")
+    torch.set_num_threads(best)
+    return best

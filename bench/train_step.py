@@ -1,0 +1,447 @@
+#!/usr/bin/env python
+"""Benchmark eu_jax's train step against a PyTorch step doing the same math with transformers' Llama.
+
+The Exclusive Unlearning step (retain NLL + KL-to-uniform on the forget half, global-norm clipping, AdamW)
+on the SmolLM2-135M shape (random weights, identical on both sides), fp32 on CPU, batch 4 + 4 rows of 256
+tokens. Steps alternate between eu_jax, PyTorch eager and `torch.compile` in one process, so a neighbour's
+burst on this shared machine hits all alike; the best of N is kept. In the same run, the matmul rate of the
+model's own shapes is measured with XLA and with PyTorch, so achieved FLOP/s can be read as a fraction of
+the best this machine did. Peak memory of the EU step and of an NPO step (which also runs the frozen
+reference model) is measured in fresh processes, one per side and objective.
+
+Goals (the performance issue): eu_jax tokens/s at least 1.2x PyTorch eager's; achieved FLOP/s at least 80%
+of the best matmul rate; the NPO step's peak RSS at most 1.15x the EU step's.
+
+Usage:
+    .venv/bin/python bench/train_step.py                 # full run (~15 min on 2 cores), rewrites BENCHMARKS.md
+    .venv/bin/python bench/train_step.py --layers 2 --seq 64 --runs 1 --no-write   # quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from harness import current_rss_bytes, fastest_torch_threads, log, machine_description, report_child_result, run_child_process, timed  # noqa: E402
+from report import BENCHMARKS, publish  # noqa: E402
+
+SECTION_TITLE = "## Train step (bench/train_step.py)"
+SPEEDUP_GOAL = 1.2  # eu_jax tokens/s at least this many times PyTorch eager's
+MATMUL_FRACTION_GOAL = 0.8  # achieved FLOP/s at least this share of the best matmul rate
+NPO_MEMORY_GOAL = 1.15  # NPO step's peak RSS at most this many times the EU step's
+GB = 10**9
+
+# SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M-Instruct config.json).
+SMOLLM2 = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
+LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM, NPO_BETA = 1e-5, 0.01, 1.0, 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    layers: int
+    seq: int
+    rows: int  # per half: the batch is `rows` retain + `rows` forget rows
+
+    @property
+    def tokens(self) -> int:
+        return 2 * self.rows * self.seq
+
+
+# ----------------------------------------------------------------------------------------- the model
+
+
+def write_model(shape: Shape, out: Path) -> tuple[Path, Path]:
+    """Random SmolLM2-shaped weights saved by transformers, and their eu_jax import."""
+    import torch
+    import transformers
+
+    from eu_jax.convert.hf_import import import_checkpoint
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**dict(SMOLLM2, num_hidden_layers=shape.layers))
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(out / "hf")
+    return out / "hf", import_checkpoint(out / "hf", out / "eu_jax", progress=False)
+
+
+def make_batch(shape: Shape, seed: int = 0) -> dict[str, Any]:
+    """Token ids for both halves; every token counts (the mask is all ones)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, SMOLLM2["vocab_size"], size=(2, shape.rows, shape.seq), dtype=np.int32)
+    ones = np.ones((shape.rows, shape.seq), np.int32)
+    return {half: {"input_ids": ids[i], "attention_mask": ones, "loss_mask": ones} for i, half in enumerate(("retain", "forget"))}
+
+
+# ----------------------------------------------------------------------------------------- eu_jax side
+
+
+def jax_step(ckpt: Path, objective_name: str, chunk_tokens: int = 1024, remat: str = "none"):
+    """eu_jax's jitted train step, its state and reference params, exactly as `eu-train` builds them."""
+    import jax
+    from ml_collections import ConfigDict
+
+    from eu_jax.convert.checkpoint import load_params
+    from eu_jax.models.config import RuntimeOptions
+    from eu_jax.objectives import Objective
+    from eu_jax.train.optimizer import learning_rate_schedule, make_optimizer
+    from eu_jax.train.state import new_train_state
+    from eu_jax.train.step import make_train_step
+
+    forget = {"eu": "uniform_kl", "npo": "npo"}[objective_name]
+    objective = Objective(retain="nll", forget=forget, forget_kwargs={"beta": NPO_BETA} if forget == "npo" else {})
+    opt = ConfigDict(dict(learning_rate=LEARNING_RATE, schedule="constant", warmup_steps=0, end_lr_ratio=1.0,
+                          weight_decay=WEIGHT_DECAY, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=CLIP_NORM))
+    params, meta = load_params(ckpt, None)
+    reference = jax.tree.map(lambda p: p.copy(), params) if objective.requirements().needs_reference else None
+    optimizer = make_optimizer(opt, 1000)
+    options = RuntimeOptions(remat=remat)
+    step = make_train_step(meta.config, options, objective, optimizer, learning_rate_schedule(opt, 1000), 1, chunk_tokens)
+    state = jax.jit(lambda p: new_train_state(optimizer, p, 0), donate_argnums=0)(params)
+    return jax.jit(step, donate_argnums=0), state, reference, meta.config
+
+
+class JaxRunner:
+    """Runs eu_jax's step in place: each call advances the state by one step."""
+
+    def __init__(self, ckpt: Path, objective: str, shape: Shape, **options: Any):
+        import jax
+
+        self.step, self.state, self.reference, self.config = jax_step(ckpt, objective, **options)
+        self.batch = jax.device_put(make_batch(shape))
+        self.compiled = self.step.lower(self.state, self.batch, self.reference).compile()
+
+    def __call__(self) -> float:
+        import jax
+
+        self.state, metrics = self.compiled(self.state, self.batch, self.reference)
+        return float(jax.block_until_ready(metrics["loss"]))
+
+    def memory_analysis(self) -> dict[str, int]:
+        stats = self.compiled.memory_analysis()
+        return {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+
+
+# ----------------------------------------------------------------------------------------- PyTorch side
+
+
+def torch_losses(model, reference, batch: dict[str, Any], objective: str):
+    """The same objective in PyTorch: retain NLL + KL(U || p) on the forget half (EU), or + NPO."""
+    import torch
+    import torch.nn.functional as F
+
+    retain, forget = (torch.as_tensor(batch[h]["input_ids"], dtype=torch.long) for h in ("retain", "forget"))
+    rows = retain.shape[0]
+    logp = F.log_softmax(model(input_ids=torch.cat([retain, forget])).logits[:, :-1].float(), dim=-1)
+    targets = torch.cat([retain, forget])[:, 1:, None]
+    retain_nll = -logp[:rows].gather(-1, targets[:rows]).mean()
+    if objective == "eu":
+        forget_term = (-math.log(logp.shape[-1]) - logp[rows:].mean(-1)).mean()
+    else:
+        with torch.no_grad():
+            ref_logp = F.log_softmax(reference(input_ids=forget).logits[:, :-1].float(), dim=-1)
+        ratio = (logp[rows:].gather(-1, targets[rows:]) - ref_logp.gather(-1, targets[rows:])).sum(dim=(1, 2))
+        forget_term = -(2.0 / NPO_BETA) * F.logsigmoid(-NPO_BETA * ratio).mean()
+    return retain_nll + forget_term
+
+
+class TorchRunner:
+    """transformers' LlamaForCausalLM (eager, or under torch.compile) with AdamW, one step per call."""
+
+    def __init__(self, hf_dir: Path, objective: str, shape: Shape, compiled: bool = False):
+        import copy
+
+        import torch
+        import transformers
+
+        self.model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+        self.model.train()
+        self.reference = None
+        if objective == "npo":
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, eps=1e-8)
+        self.batch, self.objective = make_batch(shape), objective
+        self.loss_fn = torch.compile(torch_losses) if compiled else torch_losses
+
+    def __call__(self) -> float:
+        import torch
+
+        loss = self.loss_fn(self.model, self.reference, self.batch, self.objective)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+# ----------------------------------------------------------------------------------------- matmul rates
+
+
+def matmul_shapes(shape: Shape) -> list[tuple[int, int, int, int]]:
+    """(tokens, in, out, count) of one forward's matmuls over one half of the batch (what each eu_jax forward
+    call runs): q, k, v, o, gate, up, down per layer, and the output head."""
+    d, f, v = SMOLLM2["hidden_size"], SMOLLM2["intermediate_size"], SMOLLM2["vocab_size"]
+    heads, kv_heads = SMOLLM2["num_attention_heads"], SMOLLM2["num_key_value_heads"]
+    head_dim = d // heads
+    n, layers = shape.rows * shape.seq, shape.layers
+    return [
+        (n, d, heads * head_dim, 2 * layers),  # q, o
+        (n, d, kv_heads * head_dim, 2 * layers),  # k, v
+        (n, d, f, 2 * layers),  # gate, up
+        (n, f, d, layers),  # down
+        (n, d, v, 1),  # output head
+    ]
+
+
+def matmul_rates(shape: Shape, repeats: int) -> dict[str, float]:
+    """FLOP/s of the model's matmul mix (each shape best of `repeats`, weighted by its count), XLA and torch."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    rates = {}
+    for side in ("xla", "torch"):
+        flops = seconds = 0.0
+        for n, k, m, count in matmul_shapes(shape):
+            a = np.random.default_rng(0).standard_normal((n, k), np.float32)
+            b = np.random.default_rng(1).standard_normal((k, m), np.float32)
+            if side == "xla":
+                x, w = jax.device_put(a), jax.device_put(b)
+                fn = jax.jit(jnp.matmul)
+                run = lambda: fn(x, w).block_until_ready()  # noqa: E731
+            else:
+                x, w = torch.from_numpy(a), torch.from_numpy(b)
+                run = lambda: torch.mm(x, w)  # noqa: E731
+            run()
+            best = min(timed(run)[0] for _ in range(repeats))
+            flops += 2.0 * n * k * m * count
+            seconds += best * count
+        rates[side] = flops / seconds
+    return rates
+
+
+# ----------------------------------------------------------------------------------------- measurements
+
+
+def step_flops(shape: Shape, with_reference: bool) -> float:
+    from eu_jax.models.config import from_hf_config
+
+    import transformers
+
+    config = from_hf_config(transformers.LlamaConfig(**dict(SMOLLM2, num_hidden_layers=shape.layers)))
+    from eu_jax.train.flops import step_flops as analytic
+
+    half = shape.tokens // 2
+    return analytic(config, shape.seq, shape.tokens, half if with_reference else 0)
+
+
+def child_memory(side: str, objective: str, hf_dir: str, ckpt: str, shape: dict[str, int], steps: int) -> dict[str, Any]:
+    """One side and objective in a fresh process: its RSS once loaded (the floor), then `steps` steps."""
+    shp = Shape(**shape)
+    runner = JaxRunner(Path(ckpt), objective, shp) if side == "eu_jax" else TorchRunner(Path(hf_dir), objective, shp)
+    floor = current_rss_bytes()
+    seconds = [timed(runner)[0] for _ in range(steps)]
+    result = {"floor": floor, "seconds": seconds}
+    if side == "eu_jax":
+        result["xla"] = runner.memory_analysis()
+    return result
+
+
+CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {"memory": child_memory}
+
+
+@dataclasses.dataclass
+class Timing:
+    name: str
+    first: float  # first call: compilation (eu_jax, torch.compile) or warm-up, plus one step
+    seconds: list[float]
+    loss: float  # the first step's loss (the same math gives the same number)
+    failed: str = ""
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds) if self.seconds else float("nan")
+
+
+def time_steps(hf_dir: Path, ckpt: Path, shape: Shape, runs: int, try_compile: bool) -> tuple[list[Timing], int]:
+    """Alternate one step of each side per round; the first call of each is reported apart."""
+    runners: dict[str, Callable[[], float]] = {}
+    timings: dict[str, Timing] = {}
+
+    def add(name: str, build: Callable[[], Callable[[], float]]) -> None:
+        log(f"setting up {name}")
+        try:
+            start = time.perf_counter()
+            runner = build()
+            loss = runner()
+            timings[name] = Timing(name, time.perf_counter() - start, [], loss)
+            runners[name] = runner
+        except Exception as err:  # torch.compile may not work on every CPU box; say so in the table
+            timings[name] = Timing(name, float("nan"), [], float("nan"), failed=f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
+            log(f"{name} failed: {timings[name].failed}")
+
+    add("eu_jax", lambda: JaxRunner(ckpt, "eu", shape))
+    add("PyTorch eager", lambda: TorchRunner(hf_dir, "eu", shape))
+    threads = fastest_torch_threads(runners["PyTorch eager"])
+    if try_compile:
+        add("torch.compile", lambda: TorchRunner(hf_dir, "eu", shape, compiled=True))
+    for run in range(runs):
+        for name, runner in runners.items():
+            timings[name].seconds.append(timed(runner)[0])
+        log(f"round {run + 1}: " + ", ".join(f"{t.name} {t.seconds[-1]:.2f} s" for t in timings.values() if t.seconds))
+    return list(timings.values()), threads
+
+
+@dataclasses.dataclass
+class Results:
+    shape: Shape
+    timings: list[Timing]
+    torch_threads: int
+    rates: dict[str, float]
+    memory: dict[str, dict[str, Any]]  # "eu_jax eu" -> child result
+    flops: float
+    flops_with_reference: float
+    runs: int
+    seconds: float
+
+
+def run_benchmark(workdir: Path, shape: Shape, runs: int, memory_steps: int, try_compile: bool) -> Results:
+    start = time.perf_counter()
+    log(f"writing random SmolLM2-shaped weights ({shape.layers} layers) and importing them")
+    hf_dir, ckpt = write_model(shape, workdir)
+    memory = {}
+    for side in ("eu_jax", "PyTorch eager"):
+        for objective in ("eu", "npo"):
+            log(f"peak memory: {side} {objective} step in a fresh process")
+            memory[f"{side} {objective}"] = run_child_process(
+                __file__, "memory", dict(side=side, objective=objective, hf_dir=str(hf_dir), ckpt=str(ckpt),
+                                          shape=dataclasses.asdict(shape), steps=memory_steps),
+            )
+    timings, threads = time_steps(hf_dir, ckpt, shape, runs, try_compile)
+    log("matmul rates of the model's shapes (XLA and torch)")
+    rates = matmul_rates(shape, repeats=5)
+    return Results(shape, timings, threads, rates, memory, step_flops(shape, False), step_flops(shape, True), runs,
+                   time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------- the report
+
+
+def verdict(met: bool) -> str:
+    return "MET" if met else "NOT MET"
+
+
+def render_section(r: Results) -> str:
+    import jax
+    import torch
+    import transformers
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    best_rate = max(r.rates.values())
+    ours = next(t for t in r.timings if t.name == "eu_jax")
+    eager = next(t for t in r.timings if t.name == "PyTorch eager")
+    lines = [
+        SECTION_TITLE,
+        "",
+        f"Exclusive Unlearning step (retain NLL + KL-to-uniform forget, global-norm clipping, AdamW) on the SmolLM2-135M "
+        f"shape ({r.shape.layers} layers, random weights, identical on both sides), fp32, batch {r.shape.rows} + "
+        f"{r.shape.rows} rows of {r.shape.seq} tokens ({r.shape.tokens} tokens per step). Measured {date} on "
+        f"{machine_description()}; jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}. "
+        f"Whole benchmark: {r.seconds / 60:.1f} min.",
+        "",
+        f"Seconds per step: best of {r.runs} rounds, each round one step of every side in turn (one process). The "
+        "first call is shown apart (eu_jax: compilation; torch.compile: compilation; eager: warm-up). The PyTorch "
+        "reference runs transformers' `LlamaForCausalLM` (eager attention) on both halves at once, full-vocabulary "
+        "log-softmax, `clip_grad_norm_` and `torch.optim.AdamW`; eu_jax runs `make_train_step` as `eu-train` does "
+        "(two forwards, chunked log-probs). FLOP/s = analytic matmul FLOPs of the step (`eu_jax.train.flops`, "
+        f"{r.flops / 1e12:.2f} TFLOP) / seconds. torch uses {r.torch_threads} thread(s), whichever a short probe "
+        "found faster.",
+        "",
+        "| Side | First call s | Seconds per step | Tokens/s | GFLOP/s | Share of best matmul rate | Speed-up vs eager | Loss of step 1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in r.timings:
+        if t.failed:
+            lines.append(f"| {t.name} | failed: {t.failed} | | | | | | |")
+            continue
+        rate = r.flops / t.best
+        lines.append(
+            f"| {t.name} | {t.first:.1f} | {t.best:.2f} | {r.shape.tokens / t.best:.0f} | {rate / 1e9:.1f} | "
+            f"{rate / best_rate:.0%} | {eager.best / t.best:.2f}x | {t.loss:.4f} |"
+        )
+    lines += [
+        "",
+        f"Matmul rate of the model's own shapes ({r.shape.rows * r.shape.seq} tokens x q/k/v/o/gate/up/down and the "
+        f"output head, weighted by their count in a forward, each best of 5): XLA {r.rates['xla'] / 1e9:.1f} GFLOP/s, "
+        f"PyTorch {r.rates['torch'] / 1e9:.1f} GFLOP/s.",
+        "",
+        "Peak memory, each side and objective in a fresh process (VmHWM); the floor is the process once the model, "
+        "optimizer and batch are set up, before the first step. The NPO step also runs the frozen reference model "
+        "on the forget half. XLA's own figures (eu_jax): arguments (params, optimizer state, batch, reference) and "
+        "temporaries of the compiled step.",
+        "",
+        "| Side | Objective | Peak RSS GB | Floor GB | Peak − floor GB | XLA arguments GB | XLA temporaries GB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, m in r.memory.items():
+        side, objective = key.rsplit(" ", 1)
+        xla = m.get("xla")
+        xla_cells = f"{xla['argument'] / GB:.2f} | {xla['temp'] / GB:.2f}" if xla else "— | —"
+        lines.append(f"| {side} | {objective.upper()} | {m['peak_rss'] / GB:.2f} | {m['floor'] / GB:.2f} | "
+                     f"{(m['peak_rss'] - m['floor']) / GB:.2f} | {xla_cells} |")
+    speedup = eager.best / ours.best
+    share = r.flops / ours.best / best_rate
+    npo_ratio = r.memory["eu_jax npo"]["peak_rss"] / r.memory["eu_jax eu"]["peak_rss"]
+    lines += [
+        "",
+        "| Goal | Value | Verdict |",
+        "|---|---:|---|",
+        f"| eu_jax tokens/s ≥ {SPEEDUP_GOAL:g}x PyTorch eager's | {speedup:.2f}x | {verdict(speedup >= SPEEDUP_GOAL)} |",
+        f"| eu_jax FLOP/s ≥ {MATMUL_FRACTION_GOAL:.0%} of the best matmul rate | {share:.0%} | {verdict(share >= MATMUL_FRACTION_GOAL)} |",
+        f"| eu_jax NPO step peak RSS ≤ {NPO_MEMORY_GOAL:g}x the EU step's | {npo_ratio:.2f}x | {verdict(npo_ratio <= NPO_MEMORY_GOAL)} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"])
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=4, help="rows per half (retain and forget)")
+    parser.add_argument("--runs", type=int, default=3, help="timed rounds, best kept")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory process")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile side")
+    parser.add_argument("--no-write", action="store_true", help=f"print the section but do not write {BENCHMARKS.name}")
+    parser.add_argument("--child", nargs=2, metavar=("STEP", "JSON"), help=argparse.SUPPRESS)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.child:
+        report_child_result(CHILDREN[args.child[0]](**json.loads(args.child[1])))
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="eu_jax_bench_train_"))
+    try:
+        results = run_benchmark(workdir, Shape(args.layers, args.seq, args.rows), args.runs, args.memory_steps, not args.no_compile)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    publish(SECTION_TITLE, render_section(results), write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
