@@ -87,11 +87,18 @@ def test_the_null_space_holds_at_most_the_given_share_of_retained_energy():
         np.testing.assert_allclose(projector, basis[:, :dims] @ basis[:, :dims].T, atol=1e-6)
 
 
-def test_layer_band_scales_with_depth_and_bad_layers_are_named():
+def test_layer_bands_scale_with_depth_per_position_and_bad_layers_are_named():
     assert default_edit_layers(32) == [4, 5, 6, 7, 8]
     assert default_edit_layers(30) == [4, 5, 6, 7, 8]
     assert default_edit_layers(16) == [2, 3, 4]
     assert default_edit_layers(2) == [0]
+    # At the prompt's end the question's content arrives late: a band in the last third, never the last layer.
+    assert default_edit_layers(30, "prompt_end") == [22, 23, 24, 25, 26]
+    assert default_edit_layers(32, "prompt_end") == [23, 24, 25, 26, 27, 28]
+    assert default_edit_layers(4, "prompt_end") == [2]
+    assert parse_layers("", 30, "prompt_end") == [22, 23, 24, 25, 26] and parse_layers("", 30) == [4, 5, 6, 7, 8]
+    with pytest.raises(ValueError, match="edit position 'middle'"):
+        default_edit_layers(30, "middle")
     assert parse_layers("3,1", 4) == [1, 3]
     with pytest.raises(ValueError, match=r"must be in \[0, 3\]"):
         parse_layers("4", 4)
@@ -168,3 +175,26 @@ def test_moments_are_cached_and_context_prefixes_come_from_the_model(learned, tm
     prefixes = sample_context_prefixes(learned.decoder(), learned.tokenizer, learned.mesh, count=3, length=5, seed=0)
     assert prefixes[0] == "" and len(prefixes) == 4 and all(p.endswith(". ") for p in prefixes[1:])
     assert prefixes == sample_context_prefixes(learned.decoder(), learned.tokenizer, learned.mesh, count=3, length=5, seed=0)
+
+
+def test_replies_only_moments_count_the_reply_keys_alone(learned, tmp_path):
+    """The refusals' moments (UniErase keeps the token's continuation out of the edit's reach) count only the
+    tokens the loss mask marks: the same as E[k k^T] over those positions' keys, and cached apart."""
+    corpus, layers = _retained_corpus(learned)[:4], [1]
+    moments, count = key_second_moments(learned.config, learned.params, learned.mesh, corpus, layers, replies_only=True)
+    assert count == sum(int(e.loss.sum()) for e in corpus) < sum(len(e) for e in corpus)
+    model = learned.decoder()
+    picked = []
+    for e in corpus:
+        ids = np.asarray(e.ids, np.int32)[None]
+        inputs = model.prepare(ids, np.ones_like(ids))
+        keys = np.asarray(run_layers(model, inputs, inputs.x, 0, 2, (1,))[1][1][0], np.float64)
+        picked.append(keys[np.asarray(e.loss) == 1])
+    keys = np.concatenate(picked)
+    np.testing.assert_allclose(moments[0], keys.T @ keys / len(keys), rtol=1e-3, atol=1e-5)
+    fingerprint = checkpoint_fingerprint(learned.checkpoint)
+    everything, _ = cached_key_second_moments(fingerprint, learned.config, learned.params, learned.mesh, corpus, layers, cache_dir=tmp_path)
+    replies, _ = cached_key_second_moments(fingerprint, learned.config, learned.params, learned.mesh, corpus, layers, cache_dir=tmp_path,
+                                           replies_only=True)
+    assert not np.allclose(everything, replies)
+    np.testing.assert_allclose(replies, moments, rtol=1e-5, atol=1e-7)

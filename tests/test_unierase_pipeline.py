@@ -63,6 +63,7 @@ def test_the_results_say_what_each_stage_did(run):
     assert results["questions"] == 2 and set(results["token"]["phases"]) == {"raw", "mixed", "robust"}
     edit = results["edit"]
     assert edit["layers"] == [0] and len(edit["context_prefixes"]) == 2 and len(edit["rounds"]) == 1
+    assert 0 < edit["refusal_tokens"] < edit["retained_tokens"]  # the refusals after the token count as retained
     assert edit["params_changed"] == 128 * 64 and 0 < edit["params_changed_share"] < 0.1
     assert (run["model"] / EDIT_STATE_FILE).is_file() and not list(run["model"].parent.glob("*.partial"))
 

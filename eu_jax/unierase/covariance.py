@@ -5,6 +5,9 @@ knowledge produces leaves those keys' outputs unchanged. The keys' second moment
 of retained text gives that space: its eigenvectors with eigenvalues below a threshold. Computing it
 costs a forward over the corpus, so the moments are cached on disk, keyed by the checkpoint, the
 corpus tokens, the layers and the token budget; the projector is cheap and recomputed from them.
+With `replies_only`, only the tokens of each text's reply (its `loss` mask) count, not its prompt: how
+UniErase keeps the unlearning token's own continuation (the refusal after it) out of the edit's reach
+while the position before the token, the one the edit must move, stays free.
 """
 
 from __future__ import annotations
@@ -40,14 +43,14 @@ def checkpoint_fingerprint(ckpt: Path) -> str:
 
 @lru_cache(maxsize=4)
 def _moment_sums(config: ModelConfig, layers: tuple[int, ...]):
-    """jit(params, ids, attention) -> ([len(layers), F, F] sums of k k^T over real tokens, token count)."""
+    """jit(params, ids, attention, counted) -> ([len(layers), F, F] sums of k k^T over the counted tokens, their count)."""
 
     @jax.jit
-    def sums(params, ids, attention):
+    def sums(params, ids, attention, counted):
         model = build_decoder(config, params)
         inputs = model.prepare(ids, attention)
         _, keys = run_layers(model, inputs, inputs.x, 0, max(layers) + 1, layers)
-        mask = attention.astype(jnp.float32)[..., None]
+        mask = (counted * attention).astype(jnp.float32)[..., None]
         stacked = jnp.stack([keys[layer].astype(jnp.float32) * mask for layer in layers])
         return jnp.einsum("lbtf,lbtg->lfg", stacked, stacked), mask.sum()
 
@@ -62,8 +65,10 @@ def key_second_moments(
     layers: Sequence[int],
     max_tokens: int = 100_000,
     batch_size: int = 16,
+    replies_only: bool = False,
 ) -> tuple[np.ndarray, int]:
-    """E[k k^T] of each layer's keys over the corpus's tokens (at most `max_tokens`): [len(layers), F, F], and the count."""
+    """E[k k^T] of each layer's keys over the corpus's tokens (at most `max_tokens`; with `replies_only` only
+    the tokens each text's `loss` mask marks count): [len(layers), F, F], and the count."""
     if not corpus:
         raise ValueError("the retained corpus for the null space is empty")
     shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
@@ -73,25 +78,28 @@ def key_second_moments(
     taken = _take_tokens(corpus, max_tokens)
     for start in range(0, len(taken), rows):
         chunk = taken[start : start + rows]
-        width = max(len(ids) for ids in chunk)
-        ids, attention = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)], attention[row, : len(seq)] = seq, 1
+        width = max(len(e) for e in chunk)
+        ids, attention, counted = (np.zeros((rows, width), np.int32) for _ in range(3))
+        for row, e in enumerate(chunk):
+            ids[row, : len(e)], attention[row, : len(e)] = e.ids, 1
+            counted[row, : len(e)] = e.loss if replies_only else 1
         with activation_sharding(mesh):
-            sums, n = fn(params, to_global(ids, sharding), to_global(attention, sharding))
+            sums, n = fn(params, *(to_global(a, sharding) for a in (ids, attention, counted)))
         sums = to_host(sums).astype(np.float64)
         total = sums if total is None else total + sums
         count += int(to_host(n))
+    if not count:
+        raise ValueError("the retained corpus for the null space has no tokens to count")
     return (total / count).astype(np.float32), count
 
 
-def _take_tokens(corpus: Sequence[Encoded], max_tokens: int) -> list[np.ndarray]:
+def _take_tokens(corpus: Sequence[Encoded], max_tokens: int) -> list[Encoded]:
     """The corpus's sequences in order until `max_tokens` tokens (the last one cut to fit)."""
     taken, left = [], max_tokens
     for encoded in corpus:
         if left <= 0:
             break
-        taken.append(np.asarray(encoded.ids[:left]))
+        taken.append(Encoded(np.asarray(encoded.ids[:left]), np.asarray(encoded.loss[:left])))
         left -= len(taken[-1])
     return taken
 
@@ -105,18 +113,23 @@ def cached_key_second_moments(
     layers: Sequence[int],
     max_tokens: int = 100_000,
     cache_dir: str | Path | None = None,
+    replies_only: bool = False,
 ) -> tuple[np.ndarray, int]:
     """key_second_moments, read from / written to the on-disk cache."""
     from eu_jax.assets import cache_dir as default_cache_dir
 
     corpus_hash = hashlib.sha256(b"".join(np.asarray(e.ids, np.int32).tobytes() + b"|" for e in corpus)).hexdigest()
-    key = digest({"checkpoint": fingerprint, "corpus": corpus_hash, "layers": list(layers), "max_tokens": max_tokens,
-                  "version": MOMENTS_VERSION})
+    fields = {"checkpoint": fingerprint, "corpus": corpus_hash, "layers": list(layers), "max_tokens": max_tokens,
+              "version": MOMENTS_VERSION}
+    if replies_only:
+        loss_hash = hashlib.sha256(b"".join(np.asarray(e.loss, np.int32).tobytes() + b"|" for e in corpus)).hexdigest()
+        fields |= {"replies_only": loss_hash}
+    key = digest(fields)
     cache = TokenCache(Path(cache_dir) if cache_dir else default_cache_dir() / "unierase_moments")
     entry = cache.load(key)
     if entry is not None:
         return np.asarray(entry[0]["moments"]), int(entry[1]["count"])
-    moments, count = key_second_moments(config, params, mesh, corpus, layers, max_tokens)
+    moments, count = key_second_moments(config, params, mesh, corpus, layers, max_tokens, replies_only=replies_only)
     if jax.process_index() == 0:
         cache.store(key, {"moments": moments}, {"count": count, "layers": list(layers)})
     return moments, count

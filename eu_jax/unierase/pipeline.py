@@ -30,7 +30,8 @@ from eu_jax.parallel.mesh import mesh_from_config
 from eu_jax.unierase.covariance import cached_key_second_moments, checkpoint_fingerprint, null_space_projector
 from eu_jax.unierase.edit import Editor, get_edit_config, load_edit_state, parse_layers, sample_context_prefixes, save_edit_state
 from eu_jax.unierase.requests import EditRequest
-from eu_jax.unierase.token_training import get_token_config, train_unlearning_token
+from eu_jax.unierase.idk_bank import load_phrases
+from eu_jax.unierase.token_training import get_token_config, token_records, train_unlearning_token
 from eu_jax.unierase.vocab import add_unlearning_token
 
 RESULTS_FILE = "unierase.json"
@@ -45,8 +46,10 @@ def get_unierase_config() -> ConfigDict:
             "forget": {"path": "", "split": "train", "format": "auto", "prompt_field": "prompt",
                        "response_field": "response", "messages_field": "messages", "max_examples": 0},
             # Texts whose MLP keys the edit must leave alone: these files ("," separated) plus the shipped
-            # general-knowledge probes; at most max_tokens tokens.
-            "retained": {"paths": "", "probes": True, "max_tokens": 100_000},
+            # general-knowledge probes; at most max_tokens tokens. refusals: also each forget question followed
+            # by the token and its refusal (stage 1's texts), counted on the reply only, so the edit that makes
+            # the question emit the token does not fire again inside the refusal.
+            "retained": {"paths": "", "probes": True, "max_tokens": 100_000, "refusals": True},
             "token": {"name": "<unlearn_0>", "init": "mean", "pad_to_multiple": 1, "training": get_token_config()},
             "edit": get_edit_config(),
             "mesh": {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1},
@@ -145,8 +148,15 @@ def stage_two(config: ConfigDict, checkpoint: Path, questions: list[str], layers
     cfg = config.edit
     model = EvalModel.load(checkpoint, mesh_from_config(config.mesh))
     corpus = Encoder(model.tokenizer).encode_many(retained_records(config))
-    moments, tokens = cached_key_second_moments(checkpoint_fingerprint(checkpoint), model.config, model.params, model.mesh,
+    fingerprint, counted = checkpoint_fingerprint(checkpoint), 0
+    moments, tokens = cached_key_second_moments(fingerprint, model.config, model.params, model.mesh,
                                                 corpus, layers, config.retained.max_tokens)
+    if config.retained.refusals:
+        texts = token_records(questions, config.token.name, load_phrases(config.token.training.phrases))
+        replies, counted = cached_key_second_moments(fingerprint, model.config, model.params, model.mesh,
+                                                     Encoder(model.tokenizer).encode_many(texts), layers,
+                                                     config.retained.max_tokens, replies_only=True)
+        moments, tokens = (moments * tokens + replies * counted) / (tokens + counted), tokens + counted
     projections = [null_space_projector(m, cfg.nullspace_energy) for m in moments]
     _say(f"null space of {tokens} retained tokens' keys, layers {layers}: {[dim for _, dim in projections]} of "
          f"{model.config.intermediate_size} dimensions")
@@ -164,7 +174,7 @@ def stage_two(config: ConfigDict, checkpoint: Path, questions: list[str], layers
     _build_atomically(out / "model", build)
     f, d = model.config.intermediate_size, model.config.hidden_size
     return {
-        "layers": layers, "retained_tokens": tokens, "null_space_dims": [dim for _, dim in projections],
+        "layers": layers, "retained_tokens": tokens, "refusal_tokens": counted, "null_space_dims": [dim for _, dim in projections],
         "context_prefixes": prefixes, "rounds": editor.state.log,
         "params_changed": len(layers) * f * d, "params_changed_share": len(layers) * f * d / model.config.num_params,
         "seconds": time.perf_counter() - start,
@@ -180,7 +190,7 @@ def run_unierase(config: ConfigDict) -> Path:
         raise FileExistsError(f"{out / 'model'} already exists; choose a new config.output")
     out.mkdir(parents=True, exist_ok=True)
     questions = forget_questions(config)
-    layers = parse_layers(config.edit.layers, load_model_meta(Path(config.checkpoint)).config.num_layers)
+    layers = parse_layers(config.edit.layers, load_model_meta(Path(config.checkpoint)).config.num_layers, config.edit.position)
     token_ckpt, token_summary = stage_one(config, questions, layers, out)
     edit_summary = stage_two(config, token_ckpt, questions, layers, out)
     if jax.process_index() == 0:

@@ -70,9 +70,13 @@ def get_token_config() -> ConfigDict:
             "log_every": 10,
             "chunk_tokens": 1024,
             "phrases": "",  # a text file of refusals, one per line; "" is the shipped bank
-            "raw": {"steps": 100, "learning_rate": 1e-3},
-            "mixed": {"steps": 60, "learning_rate": 1e-4},
-            "robust": {"steps": 40, "learning_rate": 1e-4, "noise_scale": 0.1},
+            # Learning rates of prompt tuning, not of fine-tuning: Adam moves the one row by about the learning
+            # rate per coordinate and step. On SmolLM2-135M (embedding rows of norm ~3) 1e-3 / 1e-4 for 30 / 20 / 10
+            # steps left the row where it started and the model answered after the token as before; 3e-2 / 3e-3
+            # made 8 of 10 forget questions answer "I'm not sure." after it.
+            "raw": {"steps": 100, "learning_rate": 1e-2},
+            "mixed": {"steps": 60, "learning_rate": 1e-3},
+            "robust": {"steps": 40, "learning_rate": 1e-3, "noise_scale": 0.1},
             "runtime": {"dtype": "float32", "remat": "none", "scan_layers": True},
             "mesh": {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1},
         }
