@@ -36,8 +36,9 @@ def test_the_benchmark_runs_every_stage_and_reuses_them(tmp_path):
     config.model.checkpoint = str(make_chat_checkpoint(tmp_path))
     config.data.update(batch_size=8, max_length=160)
     t = config.tofu
-    t.update(workdir=str(tmp_path / "work"), methods="unierase,graddiff", num_authors=10, update_readme=False)
+    t.update(workdir=str(tmp_path / "work"), methods="unierase,graddiff,eu", num_authors=10, update_readme=False)
     t.finetune.steps, t.unlearn.steps = 4, 2
+    t.selfgen.update(samples=8, max_new_tokens=8, batch_size=8)
     t.eval.update(max_items=4, max_new_tokens=8, batch_size=8)
     token = t.unierase.token
     token.update(batch_size=8, max_length=160)
@@ -50,7 +51,7 @@ def test_the_benchmark_runs_every_stage_and_reuses_them(tmp_path):
     assert tofu_bench.run(config) == 0
 
     work = tmp_path / "work"
-    for name in ("target", "retain_reference", "unierase", "graddiff"):
+    for name in ("target", "retain_reference", "unierase", "graddiff", "eu"):
         results = json.loads((work / "results" / f"{name}.json").read_text())
         assert results["forget"]["count"] == 4 and 0 <= results["model_utility"] <= 1  # a random tiny model knows no authors
     report = (work / "report" / "tofu.md").read_text()
@@ -64,9 +65,9 @@ def test_the_benchmark_runs_every_stage_and_reuses_them(tmp_path):
     assert share(unierase_row) < 10 < share(graddiff_row)
     assert tofu_bench.README.read_text() == readme
     minutes = json.loads((work / "minutes.json").read_text())
-    assert set(minutes) == {"target", "retain_reference", "unierase", "graddiff"}
+    assert set(minutes) == {"target", "retain_reference", "unierase", "graddiff", "eu"}
 
     saved = {p.name: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")}
     assert tofu_bench.run(config) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")} == saved
-    assert json.loads((work / "minutes.json").read_text()) == minutes
+    assert json.loads((work / "minutes.json").read_text()) == minutes  # EU samples again, but keeps its first time
