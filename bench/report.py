@@ -14,8 +14,11 @@ section, findings, is kept by hand). Regenerate with `make bench`.
 """
 
 
+FINDINGS_TITLE = "## Findings"
+
+
 def write_section(title: str, section: str, path: Path = BENCHMARKS) -> None:
-    """Replace the section headed `title` (up to the next `## ` heading) or append it; others are kept."""
+    """Replace the section headed `title` (up to the next `## ` heading) or add it; others are kept."""
     text = path.read_text() if path.exists() else HEADER
     lines = text.splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == title]
@@ -25,8 +28,12 @@ def write_section(title: str, section: str, path: Path = BENCHMARKS) -> None:
         end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         tail = "".join(lines[end:])
         new = "".join(lines[:begin]) + block + ("\n" + tail if tail else "")
-    else:
-        new = text.rstrip("\n") + "\n\n" + block
+    else:  # a new section goes before the hand-kept findings, which stay last
+        findings = [i for i, line in enumerate(lines) if line.startswith(FINDINGS_TITLE)]
+        if findings:
+            new = "".join(lines[: findings[0]]) + block + "\n" + "".join(lines[findings[0] :])
+        else:
+            new = text.rstrip("\n") + "\n\n" + block
     path.write_text(new)
 
 

@@ -3,18 +3,18 @@
 
 The Exclusive Unlearning step (retain NLL + KL-to-uniform on the forget half, global-norm clipping, AdamW)
 on the SmolLM2-135M shape (random weights, identical on both sides), fp32 on CPU, batch 4 + 4 rows of 256
-tokens. Steps alternate between eu_jax, PyTorch eager and `torch.compile` in one process, so a neighbour's
-burst on this shared machine hits all alike; the best of N is kept. In the same run, the matmul rate of the
-model's own shapes is measured with XLA and with PyTorch, so achieved FLOP/s can be read as a fraction of
-the best this machine did. Peak memory of the EU step and of an NPO step (which also runs the frozen
-reference model) is measured in fresh processes, one per side and objective.
+tokens. eu_jax, PyTorch eager and `torch.compile` each run in a fresh process (in one process their thread
+pools slow each other), one after the other in one run; the best of N steps is kept, and the same processes
+give peak memory, also of an NPO step (which runs the frozen reference model too). In the same run, the
+matmul rate of the model's own shapes is measured with XLA and with PyTorch, so achieved FLOP/s can be read
+as a fraction of the best this machine did.
 
 Goals (the performance issue): eu_jax tokens/s at least 1.2x PyTorch eager's; achieved FLOP/s at least 80%
 of the best matmul rate; the NPO step's peak RSS at most 1.15x the EU step's.
 
 Usage:
     .venv/bin/python bench/train_step.py                 # full run (~15 min on 2 cores), rewrites BENCHMARKS.md
-    .venv/bin/python bench/train_step.py --layers 2 --seq 64 --runs 1 --no-write   # quick smoke run
+    .venv/bin/python bench/train_step.py --layers 2 --seq 64 --steps 1 --no-write   # quick smoke run
 """
 
 from __future__ import annotations
@@ -188,19 +188,19 @@ class TorchRunner:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 # ----------------------------------------------------------------------------------------- matmul rates
 
 
 def matmul_shapes(shape: Shape) -> list[tuple[int, int, int, int]]:
-    """(tokens, in, out, count) of one forward's matmuls over one half of the batch (what each eu_jax forward
-    call runs): q, k, v, o, gate, up, down per layer, and the output head."""
+    """(tokens, in, out, count) of one forward's matmuls over the whole batch (both halves run as one
+    forward on both sides): q, k, v, o, gate, up, down per layer, and the output head."""
     d, f, v = SMOLLM2["hidden_size"], SMOLLM2["intermediate_size"], SMOLLM2["vocab_size"]
     heads, kv_heads = SMOLLM2["num_attention_heads"], SMOLLM2["num_key_value_heads"]
     head_dim = d // heads
-    n, layers = shape.rows * shape.seq, shape.layers
+    n, layers = shape.tokens, shape.layers
     return [
         (n, d, heads * head_dim, 2 * layers),  # q, o
         (n, d, kv_heads * head_dim, 2 * layers),  # k, v
@@ -253,93 +253,70 @@ def step_flops(shape: Shape, with_reference: bool) -> float:
     return analytic(config, shape.seq, shape.tokens, half if with_reference else 0)
 
 
-def child_memory(side: str, objective: str, hf_dir: str, ckpt: str, shape: dict[str, int], steps: int) -> dict[str, Any]:
-    """One side and objective in a fresh process: its RSS once loaded (the floor), then `steps` steps."""
+SIDES = ("eu_jax", "PyTorch eager", "torch.compile")
+
+
+def child_side(side: str, objective: str, hf_dir: str, ckpt: str, shape: dict[str, int], steps: int) -> dict[str, Any]:
+    """One side and objective in a fresh process: set-up, the first step (compilation or warm-up), then `steps`
+    timed steps; its RSS once set up (the floor) and its peak."""
     shp = Shape(**shape)
-    runner = JaxRunner(Path(ckpt), objective, shp) if side == "eu_jax" else TorchRunner(Path(hf_dir), objective, shp)
+    start = time.perf_counter()
+    if side == "eu_jax":
+        runner = JaxRunner(Path(ckpt), objective, shp)
+    else:
+        runner = TorchRunner(Path(hf_dir), objective, shp, compiled=side == "torch.compile")
     floor = current_rss_bytes()
+    loss = runner()
+    first = time.perf_counter() - start
+    threads = fastest_torch_threads(runner) if side != "eu_jax" else 0
     seconds = [timed(runner)[0] for _ in range(steps)]
-    result = {"floor": floor, "seconds": seconds}
+    result = {"floor": floor, "first": first, "seconds": seconds, "loss": loss, "torch_threads": threads}
     if side == "eu_jax":
         result["xla"] = runner.memory_analysis()
     return result
 
 
-CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {"memory": child_memory}
+def child_matmul(shape: dict[str, int]) -> dict[str, Any]:
+    return matmul_rates(Shape(**shape), repeats=5)
 
 
-@dataclasses.dataclass
-class Timing:
-    name: str
-    first: float  # first call: compilation (eu_jax, torch.compile) or warm-up, plus one step
-    seconds: list[float]
-    loss: float  # the first step's loss (the same math gives the same number)
-    failed: str = ""
-
-    @property
-    def best(self) -> float:
-        return min(self.seconds) if self.seconds else float("nan")
-
-
-def time_steps(hf_dir: Path, ckpt: Path, shape: Shape, runs: int, try_compile: bool) -> tuple[list[Timing], int]:
-    """Alternate one step of each side per round; the first call of each is reported apart."""
-    runners: dict[str, Callable[[], float]] = {}
-    timings: dict[str, Timing] = {}
-
-    def add(name: str, build: Callable[[], Callable[[], float]]) -> None:
-        log(f"setting up {name}")
-        try:
-            start = time.perf_counter()
-            runner = build()
-            loss = runner()
-            timings[name] = Timing(name, time.perf_counter() - start, [], loss)
-            runners[name] = runner
-        except Exception as err:  # torch.compile may not work on every CPU box; say so in the table
-            timings[name] = Timing(name, float("nan"), [], float("nan"), failed=f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
-            log(f"{name} failed: {timings[name].failed}")
-
-    add("eu_jax", lambda: JaxRunner(ckpt, "eu", shape))
-    add("PyTorch eager", lambda: TorchRunner(hf_dir, "eu", shape))
-    threads = fastest_torch_threads(runners["PyTorch eager"])
-    if try_compile:
-        add("torch.compile", lambda: TorchRunner(hf_dir, "eu", shape, compiled=True))
-    for run in range(runs):
-        for name, runner in runners.items():
-            timings[name].seconds.append(timed(runner)[0])
-        log(f"round {run + 1}: " + ", ".join(f"{t.name} {t.seconds[-1]:.2f} s" for t in timings.values() if t.seconds))
-    return list(timings.values()), threads
+CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {"side": child_side, "matmul": child_matmul}
 
 
 @dataclasses.dataclass
 class Results:
     shape: Shape
-    timings: list[Timing]
-    torch_threads: int
+    sides: dict[str, dict[str, Any]]  # "eu_jax eu" -> child result (a failed side: {"failed": reason})
     rates: dict[str, float]
-    memory: dict[str, dict[str, Any]]  # "eu_jax eu" -> child result
     flops: float
-    flops_with_reference: float
-    runs: int
+    steps: int
     seconds: float
 
+    def best(self, key: str) -> float:
+        return min(self.sides[key]["seconds"])
 
-def run_benchmark(workdir: Path, shape: Shape, runs: int, memory_steps: int, try_compile: bool) -> Results:
+
+def run_benchmark(workdir: Path, shape: Shape, steps: int, try_compile: bool) -> Results:
     start = time.perf_counter()
     log(f"writing random SmolLM2-shaped weights ({shape.layers} layers) and importing them")
     hf_dir, ckpt = write_model(shape, workdir)
-    memory = {}
-    for side in ("eu_jax", "PyTorch eager"):
-        for objective in ("eu", "npo"):
-            log(f"peak memory: {side} {objective} step in a fresh process")
-            memory[f"{side} {objective}"] = run_child_process(
-                __file__, "memory", dict(side=side, objective=objective, hf_dir=str(hf_dir), ckpt=str(ckpt),
-                                          shape=dataclasses.asdict(shape), steps=memory_steps),
-            )
-    timings, threads = time_steps(hf_dir, ckpt, shape, runs, try_compile)
+    runs = [(side, "eu") for side in SIDES if try_compile or side != "torch.compile"]
+    runs += [("eu_jax", "npo"), ("PyTorch eager", "npo")]
+    sides = {}
+    for side, objective in runs:
+        log(f"{side} {objective} step in a fresh process")
+        kwargs = dict(side=side, objective=objective, hf_dir=str(hf_dir), ckpt=str(ckpt), shape=dataclasses.asdict(shape), steps=steps)
+        try:
+            sides[f"{side} {objective}"] = run_child_process(__file__, "side", kwargs)
+        except RuntimeError as err:  # torch.compile may not work on every CPU box; say so in the table
+            if side != "torch.compile":
+                raise
+            sides[f"{side} {objective}"] = {"failed": str(err)}
+        result = sides[f"{side} {objective}"]
+        log(f"  {result.get('seconds', result.get('failed'))}")
     log("matmul rates of the model's shapes (XLA and torch)")
-    rates = matmul_rates(shape, repeats=5)
-    return Results(shape, timings, threads, rates, memory, step_flops(shape, False), step_flops(shape, True), runs,
-                   time.perf_counter() - start)
+    rates = run_child_process(__file__, "matmul", dict(shape=dataclasses.asdict(shape)))
+    return Results(shape, sides, {k: rates[k] for k in ("xla", "torch")}, step_flops(shape, False), steps, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------- the report
@@ -356,8 +333,7 @@ def render_section(r: Results) -> str:
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     best_rate = max(r.rates.values())
-    ours = next(t for t in r.timings if t.name == "eu_jax")
-    eager = next(t for t in r.timings if t.name == "PyTorch eager")
+    eager = r.best("PyTorch eager eu")
     lines = [
         SECTION_TITLE,
         "",
@@ -367,50 +343,44 @@ def render_section(r: Results) -> str:
         f"{machine_description()}; jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}. "
         f"Whole benchmark: {r.seconds / 60:.1f} min.",
         "",
-        f"Seconds per step: best of {r.runs} rounds, each round one step of every side in turn (one process). The "
-        "first call is shown apart (eu_jax: compilation; torch.compile: compilation; eager: warm-up). The PyTorch "
-        "reference runs transformers' `LlamaForCausalLM` (eager attention) on both halves at once, full-vocabulary "
-        "log-softmax, `clip_grad_norm_` and `torch.optim.AdamW`; eu_jax runs `make_train_step` as `eu-train` does "
-        "(two forwards, chunked log-probs). FLOP/s = analytic matmul FLOPs of the step (`eu_jax.train.flops`, "
-        f"{r.flops / 1e12:.2f} TFLOP) / seconds. torch uses {r.torch_threads} thread(s), whichever a short probe "
-        "found faster.",
+        f"Each side and objective runs in a fresh process, one after the other in this run: set-up, a first step "
+        f"(eu_jax and torch.compile: compilation; eager: warm-up), then {r.steps} timed steps, best kept (sides in one "
+        "process slow each other: torch's and XLA's thread pools compete). The PyTorch reference runs transformers' "
+        "`LlamaForCausalLM` (eager attention) on both halves at once, full-vocabulary log-softmax, `clip_grad_norm_` "
+        "and `torch.optim.AdamW`; eu_jax runs `make_train_step` as `eu-train` does (both halves in one forward, "
+        "log-probs in chunks of 1024 tokens). FLOP/s = analytic matmul FLOPs of the step (`eu_jax.train.flops`, "
+        f"{r.flops / 1e12:.2f} TFLOP) / seconds. torch uses 1 thread or all cores, whichever a short probe found "
+        "faster. Peak RSS is the process's high-water mark (VmHWM); the floor is its RSS once the model, optimizer "
+        "and batch are set up. The NPO step also runs the frozen reference model on the forget half. XLA's own "
+        "figures (eu_jax): arguments (params, AdamW state, batch, reference) and temporaries of the compiled step.",
         "",
-        "| Side | First call s | Seconds per step | Tokens/s | GFLOP/s | Share of best matmul rate | Speed-up vs eager | Loss of step 1 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Side | Objective | First step s | Seconds per step | Tokens/s | GFLOP/s | Share of best matmul rate "
+        "| Speed-up vs eager | Loss of step 1 | Peak RSS GB | Floor GB | XLA arguments GB | XLA temporaries GB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for t in r.timings:
-        if t.failed:
-            lines.append(f"| {t.name} | failed: {t.failed} | | | | | | |")
-            continue
-        rate = r.flops / t.best
-        lines.append(
-            f"| {t.name} | {t.first:.1f} | {t.best:.2f} | {r.shape.tokens / t.best:.0f} | {rate / 1e9:.1f} | "
-            f"{rate / best_rate:.0%} | {eager.best / t.best:.2f}x | {t.loss:.4f} |"
-        )
-    lines += [
-        "",
-        f"Matmul rate of the model's own shapes ({r.shape.rows * r.shape.seq} tokens x q/k/v/o/gate/up/down and the "
-        f"output head, weighted by their count in a forward, each best of 5): XLA {r.rates['xla'] / 1e9:.1f} GFLOP/s, "
-        f"PyTorch {r.rates['torch'] / 1e9:.1f} GFLOP/s.",
-        "",
-        "Peak memory, each side and objective in a fresh process (VmHWM); the floor is the process once the model, "
-        "optimizer and batch are set up, before the first step. The NPO step also runs the frozen reference model "
-        "on the forget half. XLA's own figures (eu_jax): arguments (params, optimizer state, batch, reference) and "
-        "temporaries of the compiled step.",
-        "",
-        "| Side | Objective | Peak RSS GB | Floor GB | Peak − floor GB | XLA arguments GB | XLA temporaries GB |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for key, m in r.memory.items():
+    for key, m in r.sides.items():
         side, objective = key.rsplit(" ", 1)
+        if "failed" in m:
+            lines.append(f"| {side} | {objective.upper()} | failed: {m['failed'][:160]} |" + " |" * 10)
+            continue
+        best = min(m["seconds"])
+        threads = f" ({m['torch_threads']} thread{'s' if m['torch_threads'] > 1 else ''})" if m["torch_threads"] else ""
+        rate = r.flops / best if objective == "eu" else float("nan")
         xla = m.get("xla")
         xla_cells = f"{xla['argument'] / GB:.2f} | {xla['temp'] / GB:.2f}" if xla else "— | —"
-        lines.append(f"| {side} | {objective.upper()} | {m['peak_rss'] / GB:.2f} | {m['floor'] / GB:.2f} | "
-                     f"{(m['peak_rss'] - m['floor']) / GB:.2f} | {xla_cells} |")
-    speedup = eager.best / ours.best
-    share = r.flops / ours.best / best_rate
-    npo_ratio = r.memory["eu_jax npo"]["peak_rss"] / r.memory["eu_jax eu"]["peak_rss"]
+        compute = (f"{rate / 1e9:.1f} | {rate / best_rate:.0%} | {eager / best:.2f}x" if objective == "eu" else "— | — | —")
+        lines.append(
+            f"| {side}{threads} | {objective.upper()} | {m['first']:.1f} | {best:.2f} | {r.shape.tokens / best:.0f} | "
+            f"{compute} | {m['loss']:.4f} | {m['peak_rss'] / GB:.2f} | {m['floor'] / GB:.2f} | {xla_cells} |"
+        )
+    ours = r.best("eu_jax eu")
+    speedup, share = eager / ours, r.flops / ours / best_rate
+    npo_ratio = r.sides["eu_jax npo"]["peak_rss"] / r.sides["eu_jax eu"]["peak_rss"]
     lines += [
+        "",
+        f"Matmul rate of the model's own shapes ({r.shape.tokens} tokens x q/k/v/o/gate/up/down and the output head, "
+        f"weighted by their count in a forward, each best of 5, in a process of its own): XLA "
+        f"{r.rates['xla'] / 1e9:.1f} GFLOP/s, PyTorch {r.rates['torch'] / 1e9:.1f} GFLOP/s.",
         "",
         "| Goal | Value | Verdict |",
         "|---|---:|---|",
@@ -426,8 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"])
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rows", type=int, default=4, help="rows per half (retain and forget)")
-    parser.add_argument("--runs", type=int, default=3, help="timed rounds, best kept")
-    parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory process")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side, best kept")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile side")
     parser.add_argument("--no-write", action="store_true", help=f"print the section but do not write {BENCHMARKS.name}")
     parser.add_argument("--child", nargs=2, metavar=("STEP", "JSON"), help=argparse.SUPPRESS)
@@ -437,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="eu_jax_bench_train_"))
     try:
-        results = run_benchmark(workdir, Shape(args.layers, args.seq, args.rows), args.runs, args.memory_steps, not args.no_compile)
+        results = run_benchmark(workdir, Shape(args.layers, args.seq, args.rows), args.steps, not args.no_compile)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     publish(SECTION_TITLE, render_section(results), write=not args.no_write)
