@@ -69,9 +69,19 @@ def variants(layers: int, max_seq: int) -> list[Variant]:
     return out
 
 
+def available_memory_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 2**62
+
+
 def measure(ckpt: Path, v: Variant, runs: int) -> Point:
     runner = JaxRunner(ckpt, "eu", v.shape, chunk_tokens=v.chunk_tokens, remat=v.remat)
     memory = runner.memory_analysis()
+    if memory["argument"] + memory["temp"] > available_memory_bytes():
+        log(f"{v.sweep}: {v.shape}, {v.label}: needs {(memory['argument'] + memory['temp']) / GB:.1f} GB, does not fit")
+        return Point(v, float("nan"), memory["argument"], memory["temp"])
     runner()  # the first call pays for moving buffers into place
     seconds = min(timed(runner)[0] for _ in range(runs))
     log(f"{v.sweep}: {v.shape}, {v.label}: {seconds:.2f} s, temporaries {memory['temp'] / GB:.2f} GB")
