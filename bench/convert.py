@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from harness import log, machine_description, peak_rss_bytes, report_child_result, run_child_process
+from harness import log, machine_description, peak_rss_bytes, report_child_result, run_child_process, verdict
 from report import BENCHMARKS, publish
 
 from eu_jax.convert.cli import parse_size  # light: argparse only, no jax in this parent process
@@ -372,10 +372,6 @@ def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_run
 # ----------------------------------------------------------------------------------------- the report
 
 
-def verdict(ratio: float, goal: float) -> str:
-    return "MET" if ratio <= goal else "NOT MET"
-
-
 def render_section(run: Run) -> str:
     """The markdown section, generated from the measurements only."""
     return "\n".join([*_section_intro(run), "", *_steps_table(run), "", *_ratios_table(run), ""])
@@ -439,7 +435,7 @@ def _ratios_table(run: Run) -> list[str]:
         "| Ratio | Value | Goal | Verdict |",
         "|---|---:|---:|---|",
         f"| import time / read time | {time_ratio:.2f}x | ≤ {IMPORT_TIME_GOAL:g}x | "
-        f"{verdict(time_ratio, IMPORT_TIME_GOAL)} |",
+        f"{verdict(time_ratio <= IMPORT_TIME_GOAL)} |",
         f"| import time / copy bf16 time (the source's bytes read and written) | "
         f"{s['import'].seconds / s['copy bf16'].seconds:.2f}x | — | — |",
         f"| import time / copy fp32 time (as many bytes written as the import's fp32 params) | "
@@ -453,7 +449,7 @@ def _ratios_table(run: Run) -> list[str]:
         net = (s[name].peak_rss - s[name].extra["floor"]) / run.params_bytes
         lines.append(
             f"| {name} peak RSS / fp32 params bytes (minus the floor: {net:.2f}x) | {raw:.2f}x | "
-            f"≤ {PEAK_RSS_GOAL:g}x | {verdict(raw, PEAK_RSS_GOAL)} |"
+            f"≤ {PEAK_RSS_GOAL:g}x | {verdict(raw <= PEAK_RSS_GOAL)} |"
         )
     return lines
 

@@ -26,7 +26,7 @@ from typing import Callable
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-from harness import fastest_torch_threads, log, machine_description, timed  # noqa: E402
+from harness import fastest_torch_threads, log, machine_description, timed, verdict  # noqa: E402
 from report import BENCHMARKS, publish  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -201,7 +201,7 @@ def render_section(rows: list[Row], runs: int, seconds: float) -> str:
             speedup = goal_row.speedup(side)
             lines.append(
                 f"| {side.name} tokens/s ≥ {SPEEDUP_GOAL:g}x transformers `generate` at batch {GOAL_BATCH} | "
-                f"{speedup:.2f}x | {'MET' if speedup >= SPEEDUP_GOAL else 'NOT MET'} |"
+                f"{speedup:.2f}x | {verdict(speedup >= SPEEDUP_GOAL)} |"
             )
     return "\n".join(lines) + "\n"
 

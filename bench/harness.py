@@ -106,3 +106,8 @@ def fastest_torch_threads(work: Callable[[], Any]) -> int:
     log("torch threads probe: " + ", ".join(f"{t}: {s:.2f} s" for t, s in seconds.items()) + f"; using {best}")
     torch.set_num_threads(best)
     return best
+
+
+def verdict(met: bool) -> str:
+    """A goal's cell in the tables."""
+    return "MET" if met else "NOT MET"

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from harness import current_rss_bytes, fastest_torch_threads, log, machine_description, report_child_result, run_child_process, timed  # noqa: E402
+from harness import current_rss_bytes, fastest_torch_threads, log, machine_description, report_child_result, run_child_process, timed, verdict  # noqa: E402
 from report import BENCHMARKS, publish  # noqa: E402
 
 SECTION_TITLE = "## Train step (bench/train_step.py)"
@@ -241,16 +241,15 @@ def matmul_rates(shape: Shape, repeats: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------- measurements
 
 
-def step_flops(shape: Shape, with_reference: bool) -> float:
-    from eu_jax.models.config import from_hf_config
-
+def eu_step_flops(shape: Shape) -> float:
+    """Analytic matmul FLOPs of one EU step (no reference model), as eu-train's logs count them."""
     import transformers
 
-    config = from_hf_config(transformers.LlamaConfig(**dict(SMOLLM2, num_hidden_layers=shape.layers)))
-    from eu_jax.train.flops import step_flops as analytic
+    from eu_jax.models.config import from_hf_config
+    from eu_jax.train.flops import step_flops
 
-    half = shape.tokens // 2
-    return analytic(config, shape.seq, shape.tokens, half if with_reference else 0)
+    config = from_hf_config(transformers.LlamaConfig(**dict(SMOLLM2, num_hidden_layers=shape.layers)))
+    return step_flops(config, shape.seq, shape.tokens, 0)
 
 
 SIDES = ("eu_jax", "PyTorch eager", "torch.compile")
@@ -316,14 +315,10 @@ def run_benchmark(workdir: Path, shape: Shape, steps: int, try_compile: bool) ->
         log(f"  {result.get('seconds', result.get('failed'))}")
     log("matmul rates of the model's shapes (XLA and torch)")
     rates = run_child_process(__file__, "matmul", dict(shape=dataclasses.asdict(shape)))
-    return Results(shape, sides, {k: rates[k] for k in ("xla", "torch")}, step_flops(shape, False), steps, time.perf_counter() - start)
+    return Results(shape, sides, {k: rates[k] for k in ("xla", "torch")}, eu_step_flops(shape), steps, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------- the report
-
-
-def verdict(met: bool) -> str:
-    return "MET" if met else "NOT MET"
 
 
 def render_section(r: Results) -> str:
