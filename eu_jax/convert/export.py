@@ -43,7 +43,7 @@ def hf_tensors(read: Callable[[tuple[str, ...]], np.ndarray], config: ModelConfi
 
         def load(rule=rule, hf_shape=hf_shape, layer=None):
             value = read(rule.path)
-            return rule.layout.to_hf(value if layer is None else value[layer], hf_shape).astype(dtype)
+            return rule.layout.to_hf(value if layer is None else value[layer], hf_shape, dtype)
 
         if rule.per_layer:
             tensors.extend(

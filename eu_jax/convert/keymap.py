@@ -28,13 +28,21 @@ class Layout:
 
     kind: str
 
-    def to_ours(self, hf: np.ndarray, our_shape: tuple[int, ...]) -> np.ndarray:
-        return (hf.T if self.kind == "linear" else hf).reshape(our_shape)
+    def to_ours_into(self, hf: np.ndarray, dest: np.ndarray) -> None:
+        """Write `hf` (HF layout) into the contiguous array `dest` (our layout), casting to its dtype."""
+        if self.kind == "linear":
+            _transpose_into(dest.reshape(hf.shape[::-1]), hf)
+        else:
+            np.copyto(dest, hf.reshape(dest.shape), casting="unsafe")
 
-    def to_hf(self, ours: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
-        if self.kind != "linear":
-            return ours.reshape(hf_shape)
-        return np.ascontiguousarray(ours.reshape(hf_shape[::-1]).T)
+    def to_hf(self, ours: np.ndarray, hf_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """`ours` in HF layout, as a new contiguous array of `dtype`."""
+        out = np.empty(hf_shape, dtype)
+        if self.kind == "linear":
+            _transpose_into(out, ours.reshape(hf_shape[::-1]))
+        else:
+            np.copyto(out, ours.reshape(hf_shape), casting="unsafe")
+        return out
 
     def hf_shape(self, our_shape: tuple[int, ...], in_axes: int) -> tuple[int, ...]:
         """HF shape of a tensor whose first `in_axes` axes (ours) are its input features."""
@@ -43,6 +51,15 @@ class Layout:
         if self.kind == "flat":
             return (math.prod(our_shape),)
         return (math.prod(our_shape[in_axes:]), math.prod(our_shape[:in_axes]))
+
+
+def _transpose_into(dest: np.ndarray, src: np.ndarray, block_rows: int = 128) -> None:
+    """dest[...] = src.T for 2-D arrays, casting, a band of src's rows at a time.
+
+    A whole-matrix transposed copy strides through memory and misses the cache on every element; bands
+    keep both sides in cache, ~5x faster on a 1B model's weights (bench/convert.py)."""
+    for start in range(0, src.shape[0], block_rows):
+        dest[:, start : start + block_rows] = src[start : start + block_rows].T
 
 
 COPY = Layout("copy")

@@ -1,0 +1,35 @@
+"""Layout transforms between HF tensors and ours, on weights larger than one band of the blocked transpose."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from eu_jax.convert.keymap import COPY, FLAT, LINEAR
+
+
+@pytest.mark.parametrize("out_features", [1, 128, 300])
+def test_linear_layout_casts_and_transposes_like_numpy(out_features):
+    """A bf16 [out, in] HF weight lands in fp32 [in, heads, head_dim] exactly as numpy's plain transpose puts it."""
+    rng = np.random.default_rng(out_features)
+    hf = rng.standard_normal((out_features, 6)).astype(ml_dtypes.bfloat16)
+    ours = np.full((6, out_features, 1), np.nan, np.float32)
+    LINEAR.to_ours_into(hf, ours)
+    np.testing.assert_array_equal(ours, hf.astype(np.float32).T.reshape(6, out_features, 1))
+    back = LINEAR.to_hf(ours, hf.shape, np.dtype(ml_dtypes.bfloat16))
+    assert back.dtype == ml_dtypes.bfloat16 and back.flags.c_contiguous
+    np.testing.assert_array_equal(back.view(np.uint16), hf.view(np.uint16))
+
+
+def test_copy_and_flat_layouts_only_reshape_and_cast():
+    hf = np.arange(12, dtype=np.float16)
+    ours = np.empty((3, 4), np.float32)
+    FLAT.to_ours_into(hf, ours)
+    np.testing.assert_array_equal(ours, hf.astype(np.float32).reshape(3, 4))
+    np.testing.assert_array_equal(FLAT.to_hf(ours, (12,), np.dtype(np.float16)), hf)
+    table = np.arange(12, dtype=np.float32).reshape(4, 3)
+    copied = np.empty_like(table)
+    COPY.to_ours_into(table, copied)
+    np.testing.assert_array_equal(copied, table)
+    np.testing.assert_array_equal(COPY.to_hf(copied, (4, 3), np.dtype(np.float32)), table)
