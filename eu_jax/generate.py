@@ -242,10 +242,10 @@ def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     if mesh is None:
         return cache
     free = PartitionSpec.UNCONSTRAINED
-    kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None, free, None))
+    kv = NamedSharding(mesh, PartitionSpec(BATCH_AXES, free, None, None))  # each layer's [B, K, S, H]
     return cache.replace(
-        k=jax.lax.with_sharding_constraint(cache.k, kv),
-        v=jax.lax.with_sharding_constraint(cache.v, kv),
+        k=jax.lax.with_sharding_constraint(cache.k, (kv,) * len(cache.k)),
+        v=jax.lax.with_sharding_constraint(cache.v, (kv,) * len(cache.v)),
         positions=jax.lax.with_sharding_constraint(cache.positions, NamedSharding(mesh, PartitionSpec(BATCH_AXES))),
     )
 
@@ -258,9 +258,10 @@ def _generate_loop(
     (new tokens [B, max_new_tokens], finish reason, length, end length), each per row."""
     with activation_sharding(mesh) if mesh is not None else nullcontext():
         model: Decoder = nnx.merge(graphdef, state)
+        layers = model.layer_states()  # sliced once here, not in every decoding step
         batch, prompt_len = input_ids.shape
         cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens, model.options.jnp_dtype)
-        out = model(input_ids, attention_mask, cache=_constrain_cache(cache, mesh), return_logits=False)
+        out = model(input_ids, attention_mask, cache=_constrain_cache(cache, mesh), return_logits=False, layer_states=layers)
         start = _Decoding(
             step=jnp.int32(0),
             cache=out.cache,
@@ -277,7 +278,7 @@ def _generate_loop(
 
         def decode_one(s: _Decoding) -> _Decoding:
             previous = s.history[:, s.step + stops.width - 2]
-            out = model(previous[:, None], jnp.ones_like(previous)[:, None], cache=s.cache, return_logits=False)
+            out = model(previous[:, None], jnp.ones_like(previous)[:, None], cache=s.cache, return_logits=False, layer_states=layers)
             token = _choose(_last_logits(model, out), knobs, s.step, greedy)
             return _record(s.replace(cache=_constrain_cache(out.cache, mesh)), token, stops, pad_id)
 

@@ -4,7 +4,8 @@ Layout choices:
 - Kernels are stored input-major with heads as their own axis (q: [embed, heads, head_dim]), so
   every parameter has a logical axis per dimension for the sharding table.
 - Layer parameters are always stacked along a leading `layers` axis. `scan_layers` only decides
-  whether the forward runs them under `lax.scan` or unrolled, so checkpoints never differ.
+  whether a forward without a KV cache runs them under `lax.scan` or unrolled, so checkpoints never
+  differ. With a cache (sampling) the layers run unrolled on per-layer slices taken once per call.
 - Attention masks are built from slots and positions, which covers left/right padding, the KV
   cache (prefill and one-token steps) and sliding windows with one rule.
 """
@@ -55,20 +56,18 @@ class KVCache:
     simply hold -1 positions in their padding slots, which masks them out.
     """
 
-    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
-    v: jax.Array
+    k: tuple[jax.Array, ...]  # per layer: [batch, kv_heads, slots, head_dim]
+    v: tuple[jax.Array, ...]
     positions: jax.Array  # [batch, slots] int32
     index: jax.Array  # [] int32
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-        return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
-            positions=jnp.full((batch, max_len), -1, jnp.int32),
-            index=jnp.zeros((), jnp.int32),
-        )
+        """An empty cache. Each layer's keys and values are arrays of their own, so a decoding step updates
+        them in place and never slices a layer out of a stacked array (see `Decoder.layer_states`)."""
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)) for _ in range(2))
+        return cls(k=k, v=v, positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
 @flax.struct.dataclass
@@ -131,16 +130,20 @@ class Attention(nnx.Module):
         return y
 
     def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None):
-        """x [B,T,D]; mask [B,T,S]; with a cache, k/v_cache [B,S,K,H] get this step's keys at `index`."""
+        """x [B,T,D]; mask [B,T,S]; with a cache, k/v_cache [B,K,S,H] get this step's keys at `index`.
+
+        Keys and values are kept heads-first ([B,K,S,H]): the score and value products then read a cache in
+        place, where a [B,S,K,H] cache was transposed whole in every decoding step."""
         q = self._project(x, self.q_proj, "q_bias")
         k = self._project(x, self.k_proj, "k_bias")
         v = self._project(x, self.v_proj, "v_bias")
         if self.has_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         if k_cache is not None:
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
         out = _grouped_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.scale)
         y = dense(out, self.o_proj[...].astype(self.dtype), contract=2)
         if self.has_o_bias:
@@ -149,14 +152,14 @@ class Attention(nnx.Module):
 
 
 def _grouped_attention(q, k, v, mask, scale):
-    """Softmax attention with grouped KV heads; scores and softmax in fp32."""
+    """Softmax attention with grouped KV heads (q [B,T,N,H], k/v [B,K,S,H]); scores and softmax in fp32."""
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, n, h)
 
 
 class MLP(nnx.Module):
@@ -265,6 +268,7 @@ class Decoder(nnx.Module):
         hidden_layers: Sequence[int] = (),
         return_logits: bool = True,
         segment_ids: jax.Array | None = None,
+        layer_states: tuple[nnx.State, ...] | None = None,
     ) -> DecoderOutput:
         """Run the decoder.
 
@@ -275,9 +279,13 @@ class Decoder(nnx.Module):
         output of the first i layers (0 = embeddings), as transformers' `hidden_states[i]`.
         segment_ids [B,T]: packed rows; tokens attend only within their own segment, and default
         positions restart at 0 in each segment (no cache).
+        layer_states: `self.layer_states()`, taken once outside a decoding loop, so that the steps inside it
+        do not slice the stacked weights (with a cache the layers always run unrolled, on these).
         """
         inputs = self.prepare(input_ids, attention_mask, positions, cache, segment_ids)
-        x, k_all, v_all, per_layer = self._run_layers(inputs.x, inputs.cos, inputs.sin, inputs.mask, cache, bool(hidden_layers))
+        x, k_all, v_all, per_layer = self._run_layers(
+            inputs.x, inputs.cos, inputs.sin, inputs.mask, cache, bool(hidden_layers), layer_states
+        )
         hidden_states = None
         if hidden_layers:
             hidden_states = jnp.stack([per_layer[i] for i in hidden_layers])
@@ -327,43 +335,54 @@ class Decoder(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], stacked))
 
+    def layer_states(self) -> tuple[nnx.State, ...]:
+        """Each layer's parameters as arrays of their own.
+
+        A jitted decoding loop takes these once, before the loop: XLA's CPU backend copies a layer's
+        weights out of the stacked arrays whenever a step slices them, which doubled the weight traffic
+        of every decoded token (bench/generate.py)."""
+        stacked = nnx.state(self.layers)
+        return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.num_layers))
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Output logits [..., vocab] of final-norm hidden states."""
         return jnp.einsum("...d,dv->...v", hidden, self.unembed_kernel())
 
-    def _run_layers(self, x, cos, sin, mask, cache, keep_hidden):
+    def _run_layers(self, x, cos, sin, mask, cache, keep_hidden, layer_states=None):
         """Apply every layer; returns (x, cache keys, cache values, residual stream per layer)."""
         graphdef, stacked = nnx.split(self.layers)
-        index = None if cache is None else cache.index
+        if cache is not None:
+            return self._run_cached_layers(graphdef, layer_states or self.layer_states(), x, cos, sin, mask, cache, keep_hidden)
 
-        def layer_step(carry, layer_idx, layer_state):
-            x, k_all, v_all = carry
-            layer = nnx.merge(graphdef, layer_state)
-            if cache is None:
-                x, _, _ = layer(x, cos, sin, mask)
-                return (constrain_batch(x), k_all, v_all)
-            x, k, v = layer(x, cos, sin, mask, k_all[layer_idx], v_all[layer_idx], index)
-            return (constrain_batch(x), k_all.at[layer_idx].set(k), v_all.at[layer_idx].set(v))
+        def layer_step(x, layer_state):
+            x, _, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, mask)
+            return constrain_batch(x)
 
         if self.options.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=_REMAT_POLICIES[self.options.remat])
 
-        carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
         if self.options.scan_layers:
 
-            def body(carry, xs):
-                layer_idx, layer_state = xs
-                carry = layer_step(carry, layer_idx, layer_state)
-                return carry, carry[0] if keep_hidden else None
+            def body(x, layer_state):
+                x = layer_step(x, layer_state)
+                return x, x if keep_hidden else None
 
-            layer_ids = jnp.arange(self.config.num_layers)
-            carry, outputs = jax.lax.scan(body, carry, (layer_ids, stacked))
+            x_out, outputs = jax.lax.scan(body, x, stacked)
             per_layer = None if outputs is None else jnp.concatenate([x[None], outputs])
         else:
-            outputs = [x]
+            per_layer = [x]
             for i in range(self.config.num_layers):
-                carry = layer_step(carry, i, jax.tree.map(lambda a, i=i: a[i], stacked))
-                outputs.append(carry[0])
-            per_layer = outputs
-        x, k_all, v_all = carry
-        return x, k_all, v_all, per_layer
+                per_layer.append(layer_step(per_layer[-1], jax.tree.map(lambda a, i=i: a[i], stacked)))
+            x_out = per_layer[-1]
+        return x_out, None, None, per_layer
+
+    def _run_cached_layers(self, graphdef, layer_states, x, cos, sin, mask, cache, keep_hidden):
+        """The layers unrolled over per-layer parameters, each writing its own arrays of the cache."""
+        keys, values, per_layer = [], [], [x]
+        for state, k_cache, v_cache in zip(layer_states, cache.k, cache.v, strict=True):
+            x, k, v = nnx.merge(graphdef, state)(x, cos, sin, mask, k_cache, v_cache, cache.index)
+            x = constrain_batch(x)
+            keys.append(k)
+            values.append(v)
+            per_layer.append(x)
+        return x, tuple(keys), tuple(values), per_layer if keep_hidden else None
