@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 import shutil
 import sys
@@ -135,9 +136,10 @@ def render_section(points: list[Point], layers: int, runs: int, seconds: float, 
     ]
     for p in points:
         v = p.variant
+        timing = "does not fit in memory | —" if math.isnan(p.seconds) else f"{p.seconds:.2f} | {p.tokens_per_s:.0f}"
         lines.append(
-            f"| {v.sweep} | {v.shape.rows} | {v.shape.seq} | {v.shape.tokens} | {v.label} | {p.seconds:.2f} | "
-            f"{p.tokens_per_s:.0f} | {p.argument_bytes / GB:.2f} | {p.temp_bytes / GB:.2f} |"
+            f"| {v.sweep} | {v.shape.rows} | {v.shape.seq} | {v.shape.tokens} | {v.label} | {timing} | "
+            f"{p.argument_bytes / GB:.2f} | {p.temp_bytes / GB:.2f} |"
         )
     if plot_path is not None:
         lines += ["", f"![step time and memory against sequence length]({plot_path.relative_to(BENCHMARKS.parent).as_posix()})"]
