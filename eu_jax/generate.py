@@ -258,7 +258,10 @@ def _generate_loop(
     (new tokens [B, max_new_tokens], finish reason, length, end length), each per row."""
     with activation_sharding(mesh) if mesh is not None else nullcontext():
         model: Decoder = nnx.merge(graphdef, state)
-        layers = model.layer_states()  # sliced once here, not in every decoding step
+        # XLA's CPU backend copies a layer's weights out of the stack whenever a step slices them, so on CPU
+        # the slices are taken once, here, for one more copy of the layer weights while sampling. Elsewhere
+        # that memory matters more (large models on accelerators; not measured here) and steps slice as before.
+        layers = model.layer_states() if jax.default_backend() == "cpu" else None
         batch, prompt_len = input_ids.shape
         cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens, model.options.jnp_dtype)
         out = model(input_ids, attention_mask, cache=_constrain_cache(cache, mesh), return_logits=False, layer_states=layers)

@@ -8,6 +8,7 @@ import shutil
 import sys
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -54,7 +55,11 @@ def greedy(model, prompts, max_new_tokens=NEW_TOKENS, **kwargs):
 # ----------------------------------------------------------------------------------------- greedy
 
 
-def test_greedy_matches_transformers_generate_on_left_padded_batch(tiny):
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+def test_greedy_matches_transformers_generate_on_left_padded_batch(tiny, backend, monkeypatch):
+    """On CPU the layers' weights are sliced once before the decoding loop; elsewhere inside each step."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    jax.clear_caches()  # trace the sampler again under this backend's choice
     width = max(map(len, PROMPTS))
     ids = torch.zeros((len(PROMPTS), width), dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -5,7 +5,7 @@ Layout choices:
   every parameter has a logical axis per dimension for the sharding table.
 - Layer parameters are always stacked along a leading `layers` axis. `scan_layers` only decides
   whether a forward without a KV cache runs them under `lax.scan` or unrolled, so checkpoints never
-  differ. With a cache (sampling) the layers run unrolled on per-layer slices taken once per call.
+  differ. With a cache (sampling) the layers run unrolled, each with its own cache arrays.
 - Attention masks are built from slots and positions, which covers left/right padding, the KV
   cache (prefill and one-token steps) and sliding windows with one rule.
 """
@@ -280,7 +280,8 @@ class Decoder(nnx.Module):
         segment_ids [B,T]: packed rows; tokens attend only within their own segment, and default
         positions restart at 0 in each segment (no cache).
         layer_states: `self.layer_states()`, taken once outside a decoding loop, so that the steps inside it
-        do not slice the stacked weights (with a cache the layers always run unrolled, on these).
+        do not slice the stacked weights (with a cache the layers always run unrolled, on these or on
+        slices taken in the call).
         """
         inputs = self.prepare(input_ids, attention_mask, positions, cache, segment_ids)
         x, k_all, v_all, per_layer = self._run_layers(
