@@ -27,6 +27,12 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def meminfo_bytes(field: str) -> int:
+    """A /proc/meminfo field (MemTotal, MemAvailable, ...) in bytes; OSError or StopIteration where there is none."""
+    line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
 def machine_description() -> str:
     model = "unknown CPU"
     try:
@@ -38,9 +44,7 @@ def machine_description() -> str:
         pass
     memory = ""
     try:
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        kib = int(next(line for line in meminfo if line.startswith("MemTotal")).split()[1])
-        memory = f", {kib * 1024 / 2**30:.1f} GiB RAM"
+        memory = f", {meminfo_bytes('MemTotal') / 2**30:.1f} GiB RAM"
     except (OSError, StopIteration, ValueError):
         pass
     cores = len(os.sched_getaffinity(0))

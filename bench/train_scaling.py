@@ -27,7 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from harness import log, machine_description, timed  # noqa: E402
+from harness import log, machine_description, meminfo_bytes, timed  # noqa: E402
 from report import BENCHMARKS, publish  # noqa: E402
 from train_step import SMOLLM2, JaxRunner, Shape, write_model  # noqa: E402
 
@@ -70,17 +70,10 @@ def variants(layers: int, max_seq: int) -> list[Variant]:
     return out
 
 
-def available_memory_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 2**62
-
-
 def measure(ckpt: Path, v: Variant, runs: int) -> Point:
     runner = JaxRunner(ckpt, "eu", v.shape, chunk_tokens=v.chunk_tokens, remat=v.remat)
     memory = runner.memory_analysis()
-    if memory["argument"] + memory["temp"] > available_memory_bytes():
+    if memory["argument"] + memory["temp"] > meminfo_bytes("MemAvailable"):
         log(f"{v.sweep}: {v.shape}, {v.label}: needs {(memory['argument'] + memory['temp']) / GB:.1f} GB, does not fit")
         return Point(v, float("nan"), memory["argument"], memory["temp"])
     runner()  # the first call pays for moving buffers into place

@@ -35,7 +35,7 @@ def dense(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Array:
 
     Batch and sequence are folded into one row axis first: XLA's CPU backend runs the weight gradients of a
     [rows, in] x [in, out] product several times faster than the same contraction with batch and sequence as
-    two axes (bench/train_step.py), and on accelerators the two forms compile alike."""
+    two axes (profiled; bench/train_step.py times the whole step), and on accelerators the two forms compile alike."""
     lead, inner = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
     size = math.prod(inner)
     y = x.reshape(-1, size) @ kernel.reshape(size, -1)
@@ -220,6 +220,11 @@ def _stacked_layers(config: ModelConfig, options: RuntimeOptions, rngs: nnx.Rngs
     return make(rngs if rngs is not None else nnx.Rngs(0))
 
 
+def _layer_state(stacked: nnx.State, index: int) -> nnx.State:
+    """Layer `index`'s parameters out of the stacked ones."""
+    return jax.tree.map(lambda a: a[index], stacked)
+
+
 def build_attention_mask(
     query_positions: jax.Array, key_positions: jax.Array, query_start: jax.Array | int, window: int | None
 ) -> jax.Array:
@@ -334,16 +339,16 @@ class Decoder(nnx.Module):
     def layer(self, index: int) -> DecoderLayer:
         """Layer `index` as its own module (a view of the stacked parameters), for layer-by-layer work."""
         graphdef, stacked = nnx.split(self.layers)
-        return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], stacked))
+        return nnx.merge(graphdef, _layer_state(stacked, index))
 
     def layer_states(self) -> tuple[nnx.State, ...]:
         """Each layer's parameters as arrays of their own.
 
         A jitted decoding loop takes these once, before the loop: XLA's CPU backend copies a layer's
         weights out of the stacked arrays whenever a step slices them, which doubled the weight traffic
-        of every decoded token (bench/generate.py)."""
+        of every decoded token (profiled; bench/generate.py times the sampler)."""
         stacked = nnx.state(self.layers)
-        return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.num_layers))
+        return tuple(_layer_state(stacked, i) for i in range(self.config.num_layers))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Output logits [..., vocab] of final-norm hidden states."""
@@ -373,7 +378,7 @@ class Decoder(nnx.Module):
         else:
             per_layer = [x]
             for i in range(self.config.num_layers):
-                per_layer.append(layer_step(per_layer[-1], jax.tree.map(lambda a, i=i: a[i], stacked)))
+                per_layer.append(layer_step(per_layer[-1], _layer_state(stacked, i)))
             x_out = per_layer[-1]
         return x_out, None, None, per_layer
 

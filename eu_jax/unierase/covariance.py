@@ -118,12 +118,10 @@ def cached_key_second_moments(
     """key_second_moments, read from / written to the on-disk cache."""
     from eu_jax.assets import cache_dir as default_cache_dir
 
-    corpus_hash = hashlib.sha256(b"".join(np.asarray(e.ids, np.int32).tobytes() + b"|" for e in corpus)).hexdigest()
-    fields = {"checkpoint": fingerprint, "corpus": corpus_hash, "layers": list(layers), "max_tokens": max_tokens,
-              "version": MOMENTS_VERSION}
+    fields = {"checkpoint": fingerprint, "corpus": _sequences_hash(e.ids for e in corpus), "layers": list(layers),
+              "max_tokens": max_tokens, "version": MOMENTS_VERSION}
     if replies_only:
-        loss_hash = hashlib.sha256(b"".join(np.asarray(e.loss, np.int32).tobytes() + b"|" for e in corpus)).hexdigest()
-        fields |= {"replies_only": loss_hash}
+        fields |= {"replies_only": _sequences_hash(e.loss for e in corpus)}
     key = digest(fields)
     cache = TokenCache(Path(cache_dir) if cache_dir else default_cache_dir() / "unierase_moments")
     entry = cache.load(key)
@@ -133,6 +131,11 @@ def cached_key_second_moments(
     if jax.process_index() == 0:
         cache.store(key, {"moments": moments}, {"count": count, "layers": list(layers)})
     return moments, count
+
+
+def _sequences_hash(sequences) -> str:
+    """SHA-256 of int sequences, each as int32 bytes followed by a separator."""
+    return hashlib.sha256(b"".join(np.asarray(s, np.int32).tobytes() + b"|" for s in sequences)).hexdigest()
 
 
 def null_space_projector(moments: np.ndarray, energy: float) -> tuple[np.ndarray, int]:

@@ -147,14 +147,15 @@ def stage_two(config: ConfigDict, checkpoint: Path, questions: list[str], layers
     start = time.perf_counter()
     cfg = config.edit
     model = EvalModel.load(checkpoint, mesh_from_config(config.mesh))
-    corpus = Encoder(model.tokenizer).encode_many(retained_records(config))
+    encoder = Encoder(model.tokenizer)
+    corpus = encoder.encode_many(retained_records(config))
     fingerprint, counted = checkpoint_fingerprint(checkpoint), 0
     moments, tokens = cached_key_second_moments(fingerprint, model.config, model.params, model.mesh,
                                                 corpus, layers, config.retained.max_tokens)
     if config.retained.refusals:
         texts = token_records(questions, config.token.name, load_phrases(config.token.training.phrases))
         replies, counted = cached_key_second_moments(fingerprint, model.config, model.params, model.mesh,
-                                                     Encoder(model.tokenizer).encode_many(texts), layers,
+                                                     encoder.encode_many(texts), layers,
                                                      config.retained.max_tokens, replies_only=True)
         moments, tokens = (moments * tokens + replies * counted) / (tokens + counted), tokens + counted
     projections = [null_space_projector(m, cfg.nullspace_energy) for m in moments]
