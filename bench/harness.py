@@ -49,7 +49,9 @@ def machine_description() -> str:
         pass
     cores = len(os.sched_getaffinity(0))
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{cores} cores ({model}){memory}, load average {load} at the end of the run"
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    allocator = f", GLIBC_TUNABLES={tunables}" if tunables else ", glibc malloc defaults"
+    return f"{cores} cores ({model}){memory}{allocator}, load average {load} at the end of the run"
 
 
 def peak_rss_bytes() -> int:

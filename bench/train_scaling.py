@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """How eu_jax's train step scales: step time and memory against sequence length and batch size, with and
-without rematerialisation, and with the loss's log-probs in chunks or all at once.
+without rematerialisation, with the loss's log-probs in chunks or all at once, and with causal attention in
+query blocks or as one product.
 
 The Exclusive Unlearning step on the SmolLM2-135M shape (random weights), fp32 on CPU. Memory is XLA's own
 account of the compiled step (arguments: params, optimizer state, batch; temporaries: activations saved for
@@ -8,7 +9,7 @@ the backward pass and workspace), exact and free of the machine's noise; seconds
 compilation (best of `--runs`). Writes its section of BENCHMARKS.md and a PNG plot next to it.
 
 Usage:
-    .venv/bin/python bench/train_scaling.py                    # full sweep (~15 min on 2 cores)
+    .venv/bin/python bench/train_scaling.py                    # full sweep (~20 min on 2 cores)
     .venv/bin/python bench/train_scaling.py --layers 2 --max-seq 256 --no-write   # quick smoke run
 """
 
@@ -31,6 +32,8 @@ from harness import log, machine_description, meminfo_bytes, timed  # noqa: E402
 from report import BENCHMARKS, publish  # noqa: E402
 from train_step import SMOLLM2, JaxRunner, Shape, write_model  # noqa: E402
 
+from eu_jax.models.config import RuntimeOptions  # noqa: E402
+
 SECTION_TITLE = "## Train step scaling (bench/train_scaling.py)"
 PLOT = BENCHMARKS.parent / "bench" / "plots" / "train_scaling.png"
 GB = 10**9
@@ -38,15 +41,18 @@ GB = 10**9
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    sweep: str  # "sequence" or "batch" or "log-probs"
+    sweep: str  # "sequence", "batch", "log-probs" or "attention"
     shape: Shape
     remat: str = "none"
     chunk_tokens: int = 1024
+    attention_block: int = RuntimeOptions().attention_block
 
     @property
     def label(self) -> str:
         chunk = "one chunk per half" if self.chunk_tokens >= self.shape.rows * self.shape.seq else f"chunks of {self.chunk_tokens}"
-        return f"remat {self.remat}, {chunk}"
+        blocks = self.attention_block > 0 and self.shape.seq > self.attention_block
+        attention = f"attention in blocks of {self.attention_block}" if blocks else "attention as one product"
+        return f"remat {self.remat}, {chunk}, {attention}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +73,12 @@ def variants(layers: int, max_seq: int) -> list[Variant]:
     out += [Variant("batch", Shape(layers, 256, rows)) for rows in (1, 2, 4, 8)]
     rows_tokens = 4 * 256
     out += [Variant("log-probs", Shape(layers, 256, 4), chunk_tokens=c) for c in (128, rows_tokens)]
+    out += [Variant("attention", Shape(layers, s, 1), "full", attention_block=0) for s in seqs if s >= 512]
     return out
 
 
 def measure(ckpt: Path, v: Variant, runs: int) -> Point:
-    runner = JaxRunner(ckpt, "eu", v.shape, chunk_tokens=v.chunk_tokens, remat=v.remat)
+    runner = JaxRunner(ckpt, "eu", v.shape, chunk_tokens=v.chunk_tokens, remat=v.remat, attention_block=v.attention_block)
     memory = runner.memory_analysis()
     if memory["argument"] + memory["temp"] > meminfo_bytes("MemAvailable"):
         log(f"{v.sweep}: {v.shape}, {v.label}: needs {(memory['argument'] + memory['temp']) / GB:.1f} GB, does not fit")
@@ -89,11 +96,16 @@ def plot(points: list[Point], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for remat in ("none", "full"):
-        pts = [p for p in points if p.variant.sweep == "sequence" and p.variant.remat == remat]
+    curves = {
+        "remat none": lambda v: v.sweep == "sequence" and v.remat == "none",
+        "remat full": lambda v: v.sweep == "sequence" and v.remat == "full",
+        "remat full, attention as one product": lambda v: v.sweep == "attention",
+    }
+    for label, belongs in curves.items():
+        pts = [p for p in points if belongs(p.variant)]
         seqs = [p.variant.shape.seq for p in pts]
-        axes[0].plot(seqs, [p.seconds for p in pts], marker="o", label=f"remat {remat}")
-        axes[1].plot(seqs, [p.temp_bytes / GB for p in pts], marker="o", label=f"remat {remat}")
+        axes[0].plot(seqs, [p.seconds for p in pts], marker="o", label=label)
+        axes[1].plot(seqs, [p.temp_bytes / GB for p in pts], marker="o", label=label)
     for ax, ylabel in zip(axes, ("seconds per step", "XLA temporaries (GB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length (batch 1 + 1)")
@@ -122,7 +134,9 @@ def render_section(points: list[Point], layers: int, runs: int, seconds: float, 
         "(arguments = params, AdamW state and batch; temporaries = activations kept for the backward pass and "
         "workspace), exact and independent of the machine's load. Remat `full` recomputes each layer in the "
         "backward pass; log-probs are computed `chunk_tokens` tokens at a time (one chunk per half = the whole "
-        f"half's {SMOLLM2['vocab_size']:,}-way logits at once).",
+        f"half's {SMOLLM2['vocab_size']:,}-way logits at once). Causal attention runs `attention_block` queries "
+        "at a time against the keys up to each block's end (the default), or as one [T, T] product per head "
+        "(the attention sweep, for comparison).",
         "",
         "| Sweep | Rows per half | Sequence | Tokens per step | Variant | Seconds | Tokens/s | Arguments GB | Temporaries GB |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|",

@@ -93,7 +93,7 @@ def make_batch(shape: Shape, seed: int = 0) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- eu_jax side
 
 
-def jax_step(ckpt: Path, objective_name: str, chunk_tokens: int = 1024, remat: str = "none"):
+def jax_step(ckpt: Path, objective_name: str, chunk_tokens: int = 1024, remat: str = "none", attention_block: int | None = None):
     """eu_jax's jitted train step, its state and reference params, exactly as `eu-train` builds them."""
     import jax
     from ml_collections import ConfigDict
@@ -113,6 +113,8 @@ def jax_step(ckpt: Path, objective_name: str, chunk_tokens: int = 1024, remat: s
     reference = jax.tree.map(lambda p: p.copy(), params) if objective.requirements().needs_reference else None
     optimizer = make_optimizer(opt, 1000)
     options = RuntimeOptions(remat=remat)
+    if attention_block is not None:
+        options = dataclasses.replace(options, attention_block=attention_block)
     step = make_train_step(meta.config, options, objective, optimizer, learning_rate_schedule(opt, 1000), 1, chunk_tokens)
     state = jax.jit(lambda p: new_train_state(optimizer, p, 0), donate_argnums=0)(params)
     return jax.jit(step, donate_argnums=0), state, reference, meta.config

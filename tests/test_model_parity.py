@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -78,6 +79,39 @@ def test_layer_iteration_and_remat_give_the_same_logits(qwen3, options):
     np.testing.assert_allclose(np.asarray(eu_logits(qwen3, options).logits), reference, atol=1e-5)
 
 
+def test_block_causal_attention_matches_transformers(family):
+    """Queries 5 at a time (blocks of 5, 5 and 2) against keys up to each block's end: logits and the
+    gradient of a next-token loss reaching the embedding, both against transformers' full attention."""
+    valid = ATTENTION_MASK.astype(bool)
+    targets = np.roll(INPUT_IDS, -1, axis=1)
+    weights = (valid & np.roll(valid, -1, axis=1)).astype(np.float32)
+    weights[:, -1] = 0
+
+    model = family.hf
+    logits = model(
+        input_ids=torch.as_tensor(INPUT_IDS),
+        attention_mask=torch.as_tensor(ATTENTION_MASK),
+        position_ids=torch.as_tensor(POSITIONS),
+    ).logits
+    picked = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(targets)[..., None])[..., 0]
+    torch_loss = -(picked * torch.as_tensor(weights)).sum()
+    model.zero_grad()
+    torch_loss.backward()
+    expected_grad = model.get_input_embeddings().weight.grad.numpy().copy()
+    model.zero_grad(set_to_none=True)
+
+    def loss(params):
+        decoder = build_decoder(family.config, params, RuntimeOptions(attention_block=5))
+        z = decoder(jnp.asarray(INPUT_IDS), jnp.asarray(ATTENTION_MASK)).logits
+        log_p = jnp.take_along_axis(jax.nn.log_softmax(z, -1), jnp.asarray(targets)[..., None], axis=-1)[..., 0]
+        return -(log_p * weights).sum(), z
+
+    (value, ours), grads = jax.value_and_grad(loss, has_aux=True)(family.params)
+    assert np.abs(logits.detach().numpy() - np.asarray(ours))[valid].max() < 1e-4
+    np.testing.assert_allclose(float(value), float(torch_loss), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grads["embed"]), expected_grad, rtol=1e-4, atol=1e-4)
+
+
 def test_hidden_states_match_transformers(qwen3):
     reference = hf_forward(qwen3.hf, output_hidden_states=True).hidden_states
     ours = eu_logits(qwen3, hidden_layers=(0, 1)).hidden_states
@@ -119,12 +153,13 @@ def test_greedy_decoding_matches_transformers_generate(family):
         assert len(tokens) == 20 or tokens[-1] == 2
 
 
-def test_packed_rows_equal_separate_rows(qwen3):
+@pytest.mark.parametrize("attention_block", [256, 4], ids=["one_block", "blocks_of_4"])
+def test_packed_rows_equal_separate_rows(qwen3, attention_block):
     """Two examples packed into one row with segment ids give the logits of each alone (vs transformers)."""
     first, second = INPUT_IDS[0, :5], INPUT_IDS[1, :7]
     packed = np.concatenate([first, second])[None]
     segments = np.array([[1] * 5 + [2] * 7])
-    decoder = build_decoder(qwen3.config, qwen3.params)
+    decoder = build_decoder(qwen3.config, qwen3.params, RuntimeOptions(attention_block=attention_block))
     got = np.asarray(decoder(jnp.asarray(packed), segment_ids=jnp.asarray(segments)).logits)[0]
     with torch.no_grad():
         alone = [qwen3.hf(input_ids=torch.as_tensor(x[None])).logits[0].numpy() for x in (first, second)]

@@ -88,7 +88,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """How the decoder runs, independent of the checkpoint: dtypes, remat, layer iteration.
+    """How the decoder runs, independent of the checkpoint: dtypes, remat, layer iteration, attention blocks.
 
     Parameters are always stored stacked along a leading `layers` axis, so checkpoints are the
     same whether layers run under `lax.scan` (fast compiles) or an unrolled Python loop.
@@ -98,10 +98,13 @@ class RuntimeOptions:
     dtype: str = "float32"
     remat: str = "none"  # "none", "full" (keep only layer inputs) or "dots" (keep matmul outputs)
     scan_layers: bool = True
+    attention_block: int = 256  # queries per block of causal attention; 0 = every score in one product
 
     def __post_init__(self) -> None:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat='{self.remat}' is not one of {', '.join(REMAT_POLICIES)}")
+        if self.attention_block < 0:
+            raise ValueError(f"attention_block={self.attention_block} must be 0 (off) or a number of query tokens")
         for key in ("param_dtype", "dtype"):
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{key}='{getattr(self, key)}' is not one of float32, bfloat16, float16")

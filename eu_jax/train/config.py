@@ -44,7 +44,9 @@ def get_default_config() -> ConfigDict:
             "reference_checkpoint": "",  # frozen reference model; default: the same weights
         }
     )
-    config.runtime = ConfigDict({"param_dtype": "float32", "dtype": "float32", "remat": "none", "scan_layers": True})
+    config.runtime = ConfigDict(
+        {"param_dtype": "float32", "dtype": "float32", "remat": "none", "scan_layers": True, "attention_block": 256}
+    )
     # Mesh axes within a slice (ICI) and across slices (DCN); -1 takes the remaining devices.
     config.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1})
     config.distributed = ConfigDict(
@@ -135,6 +137,7 @@ def validate(config: ConfigDict) -> None:
         value = config[key.split(".")[0]][key.split(".")[1]]
         _require(not value or Path(value).exists(), key, f"'{value}' does not exist")
     _require(config.runtime.remat in REMAT_POLICIES, "runtime.remat", f"must be one of {REMAT_POLICIES}")
+    _require(config.runtime.attention_block >= 0, "runtime.attention_block", "must be 0 (off) or a number of query tokens")
     for key in ("param_dtype", "dtype"):
         _require(config.runtime[key] in ("float32", "bfloat16", "float16"), f"runtime.{key}", "must be float32, bfloat16 or float16")
     for kind in ("retain", "forget"):
