@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 # XLA's CPU backend allocates a step's temporaries (GBs) as one block per run; glibc maps it fresh each time and
-# every page faults again (5-10% of a CPU train step). Transparent huge pages make that 512x fewer faults.
+# every page faults again (5-10% of a CPU train step). With transparent huge pages it faults in 2 MB pages.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: install test demo compare tofu bench clean
