@@ -101,13 +101,14 @@ class RuntimeOptions:
     attention_block: int = 256  # queries per block of causal attention; 0 = every score in one product
 
     def __post_init__(self) -> None:
+        """Each message starts with the field's name, which a config's validation prefixes with its section."""
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat='{self.remat}' is not one of {', '.join(REMAT_POLICIES)}")
+            raise ValueError(f"remat: '{self.remat}' is not one of {', '.join(REMAT_POLICIES)}")
         if self.attention_block < 0:
-            raise ValueError(f"attention_block={self.attention_block} must be 0 (off) or a number of query tokens")
+            raise ValueError(f"attention_block: must be 0 (off) or a number of query tokens, got {self.attention_block}")
         for key in ("param_dtype", "dtype"):
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"{key}='{getattr(self, key)}' is not one of float32, bfloat16, float16")
+                raise ValueError(f"{key}: '{getattr(self, key)}' is not one of float32, bfloat16, float16")
 
     @property
     def jnp_param_dtype(self) -> jnp.dtype:

@@ -129,17 +129,17 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate(config: ConfigDict) -> None:
     """Check values that types alone cannot: names, ranges, files. Fails on the first bad key."""
-    from eu_jax.models.config import REMAT_POLICIES
+    from eu_jax.models.config import RuntimeOptions
     from eu_jax.objectives.registry import available_terms, get_term
 
     _require(bool(config.model.checkpoint), "model.checkpoint", "is required (an eu_jax checkpoint from eu-convert import)")
     for key in ("model.checkpoint", "model.reference_checkpoint"):
         value = config[key.split(".")[0]][key.split(".")[1]]
         _require(not value or Path(value).exists(), key, f"'{value}' does not exist")
-    _require(config.runtime.remat in REMAT_POLICIES, "runtime.remat", f"must be one of {REMAT_POLICIES}")
-    _require(config.runtime.attention_block >= 0, "runtime.attention_block", "must be 0 (off) or a number of query tokens")
-    for key in ("param_dtype", "dtype"):
-        _require(config.runtime[key] in ("float32", "bfloat16", "float16"), f"runtime.{key}", "must be float32, bfloat16 or float16")
+    try:
+        RuntimeOptions(**config.runtime)
+    except ValueError as err:  # its messages start with the field's name
+        raise ConfigError(f"config.runtime.{err}") from None
     for kind in ("retain", "forget"):
         name = config.objective[kind]
         _require(name in available_terms(kind), f"objective.{kind}", f"'{name}' is not one of {available_terms(kind)}")
