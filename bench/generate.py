@@ -78,6 +78,7 @@ class Row:
     sides: list[Side]  # transformers last
     torch_threads: int
     new_tokens: int
+    products_ms: dict[str, float]  # a decode step's weight products alone, by library (`weight_products_ms`)
 
     def tokens_per_s(self, seconds: float) -> float:
         return self.batch * self.new_tokens / seconds
@@ -152,7 +153,49 @@ def measure(decoders, reference, tokenizer, batch: int, new_tokens: int, runs: i
              None if name == "transformers" else sum(a == b for a, b in zip(tokens[name], tokens["transformers"])))
         for name in runners
     ]
-    return Row(batch, max(map(len, prompts)), sides, threads, new_tokens)
+    products = weight_products_ms(next(iter(decoders.values())).config, batch, repeats=max(runs, 3) * 3)
+    log(f"batch {batch} weight products alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in products.items()))
+    return Row(batch, max(map(len, prompts)), sides, threads, new_tokens, products)
+
+
+def weight_products_ms(config, batch: int, repeats: int) -> dict[str, float]:
+    """Milliseconds per decode step spent in the weight products alone, XLA and torch (best of `repeats`).
+
+    Every layer's q/k/v/o/gate/up/down product and the output head, for `batch` one-token rows, each against a
+    weight of its own (as in a step, every weight comes from memory, not from a cache), chained so no product
+    can be skipped or hoisted. No attention, norms or sampling: the floor of a step, whatever the code around it.
+    """
+    import numpy as np
+
+    d, f, heads, kv = config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads
+    q, k = heads * config.head_dim, kv * config.head_dim
+    shapes = [(d, q), (d, k), (d, k), (q, d), (d, f), (d, f), (f, d)]
+    rng = np.random.default_rng(0)
+    weights = [[rng.standard_normal(s, np.float32) * 0.02 for s in shapes] for _ in range(config.num_layers)]
+    head = rng.standard_normal((d, config.vocab_size), np.float32) * 0.02
+    x0 = rng.standard_normal((batch, d), np.float32)
+
+    def layers(x, weights, head, silu):
+        for wq, wk, wv, wo, wg, wu, wd in weights:
+            x = x + (x @ wq) @ wo + (x @ wk).mean() + (x @ wv).mean()
+            x = x + (silu(x @ wg) * (x @ wu)) @ wd
+        return x @ head
+
+    xla_weights, xla_head, xla_x = jax.device_put((weights, head, x0))
+    xla = jax.jit(lambda x, w, h: layers(x, w, h, jax.nn.silu))
+    torch_weights = [[torch.from_numpy(w) for w in ws] for ws in weights]
+    runs = {
+        "xla": lambda: xla(xla_x, xla_weights, xla_head).block_until_ready(),
+        "torch": lambda: layers(torch.from_numpy(x0), torch_weights, torch.from_numpy(head), torch.nn.functional.silu),
+    }
+    seconds = {name: [] for name in runs}
+    with torch.no_grad():
+        for name, run in runs.items():
+            run()
+        for _ in range(repeats):
+            for name, run in runs.items():
+                seconds[name].append(timed(run)[0])
+    return {name: 1000 * min(times) for name, times in seconds.items()}
 
 
 # ----------------------------------------------------------------------------------------- the report
@@ -195,6 +238,21 @@ def render_section(rows: list[Row], runs: int, seconds: float) -> str:
                 f"| {r.batch} | {prompt} | {name} | {side.first:.2f} | {side.best:.2f} | {r.tokens_per_s(side.best):.1f} | "
                 f"{side.prefill:.2f} | {r.step_ms(side):.0f} | {speedup} | {same} |"
             )
+    lines += [
+        "",
+        "The floor of a decode step (`weight_products_ms`): every layer's seven weight products and the output "
+        "head alone, for the batch's one-token rows, each weight read from memory as in a step; no attention, "
+        "norms or sampling. Best of the runs, XLA and PyTorch (same threads as above) side by side.",
+        "",
+        "| Batch | Weight products alone, XLA ms | Weight products alone, PyTorch ms | transformers' decode step ms "
+        f"| Decode step {SPEEDUP_GOAL:g}x transformers would need ms |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        theirs = r.step_ms(r.sides[-1])
+        lines.append(
+            f"| {r.batch} | {r.products_ms['xla']:.1f} | {r.products_ms['torch']:.1f} | {theirs:.0f} | {theirs / SPEEDUP_GOAL:.0f} |"
+        )
     if goal_row is not None:
         lines += ["", "| Goal | Value | Verdict |", "|---|---:|---|"]
         for side in goal_row.sides[:-1]:

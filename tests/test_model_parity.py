@@ -16,6 +16,7 @@ from eu_jax.convert.export import export_checkpoint
 from eu_jax.convert.hf_import import import_checkpoint
 from eu_jax.generate import greedy_generate
 from eu_jax.models.config import RuntimeOptions
+from eu_jax.models.llama import KVCache
 from eu_jax.models.state import build_decoder
 from tests.tiny_models import FAMILIES, save_hf_model
 
@@ -151,6 +152,24 @@ def test_greedy_decoding_matches_transformers_generate(family):
     for row, tokens in enumerate(ours):
         assert tokens == generated[row][: len(tokens)]
         assert len(tokens) == 20 or tokens[-1] == 2
+
+
+def test_one_token_cached_steps_match_transformers_logits(family):
+    """Prefill left-padded prompts, then feed the rest of the rows one token per step through the KV cache
+    (the decoding path: one query per row); every step's logits against transformers' forward of the whole
+    padded sequence. Sequences of 12 run past Mistral's window of 5."""
+    ids, mask, prompt = INPUT_IDS[:2], ATTENTION_MASK[:2], 5  # row 1 holds 4 padding tokens on the left
+    decoder = build_decoder(family.config, family.params)
+    cache = KVCache.init(family.config, 2, ids.shape[1])
+    out = decoder(jnp.asarray(ids[:, :prompt]), jnp.asarray(mask[:, :prompt]), cache=cache)
+    steps = [out.logits[:, -1]]
+    for t in range(prompt, ids.shape[1]):
+        out = decoder(jnp.asarray(ids[:, t : t + 1]), jnp.asarray(mask[:, t : t + 1]), cache=out.cache)
+        steps.append(out.logits[:, 0])
+    with torch.no_grad():
+        theirs = family.hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+    ours = np.stack([np.asarray(s) for s in steps], axis=1)  # logits at positions prompt-1 .. 11
+    np.testing.assert_allclose(ours, theirs[:, prompt - 1 :], atol=1e-4)
 
 
 @pytest.mark.parametrize("attention_block", [256, 4], ids=["one_block", "blocks_of_4"])
