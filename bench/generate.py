@@ -218,8 +218,8 @@ def render_section(rows: list[Row], runs: int, seconds: float) -> str:
         "(prefill and one token, best of as many runs) gives ms per decode step = (seconds - 1-token call) / "
         "(new tokens - 1). \"Same tokens\" "
         "counts rows whose new tokens agree exactly with transformers' (fp32 compute on every side; a near-tie can "
-        "flip a late token, and bf16-stored weights round every weight). Decoding streams every weight once per "
-        "step, so storing them in bf16 (computing in fp32) halves the bytes read. "
+        "flip a late token, and bf16-stored weights round every weight). bf16 weights halve the parameters' memory; "
+        "the steps still compute in fp32 (XLA casts the weights once per call, outside the decoding loop). "
         "torch runs with 1 thread or all cores, whichever a short probe finds faster at the time (OpenMP threads "
         "spinning at barriers make 2 threads several times slower than 1 when the box is busy).",
         "",
