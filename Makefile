@@ -38,6 +38,7 @@ bench: install
 	$(PY) bench/generate.py
 	$(PY) bench/train_step.py
 	$(PY) bench/train_scaling.py
+	$(PY) bench/train_mfu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -82,10 +82,12 @@ def report_child_result(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_child_process(script: str, child: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`script --child CHILD KWARGS_JSON` in a fresh interpreter (after flushing dirty pages), its result."""
+def run_child_process(script: str, child: str, kwargs: dict[str, Any], jax_platforms: str = "cpu") -> dict[str, Any]:
+    """`script --child CHILD KWARGS_JSON` in a fresh interpreter (after flushing dirty pages), its result.
+
+    jax_platforms: JAX_PLATFORMS for the child ("" lets jax pick the accelerator)."""
     os.sync()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, JAX_PLATFORMS=jax_platforms, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     command = [sys.executable, str(Path(script).resolve()), "--child", child, json.dumps(kwargs)]
     proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]

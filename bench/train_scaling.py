@@ -32,6 +32,7 @@ from harness import log, machine_description, meminfo_bytes, timed  # noqa: E402
 from report import BENCHMARKS, publish  # noqa: E402
 from train_step import SMOLLM2, JaxRunner, Shape, write_model  # noqa: E402
 
+from eu_jax.convert.checkpoint import load_params  # noqa: E402
 from eu_jax.models.config import RuntimeOptions  # noqa: E402
 
 SECTION_TITLE = "## Train step scaling (bench/train_scaling.py)"
@@ -78,7 +79,8 @@ def variants(layers: int, max_seq: int) -> list[Variant]:
 
 
 def measure(ckpt: Path, v: Variant, runs: int) -> Point:
-    runner = JaxRunner(ckpt, "eu", v.shape, chunk_tokens=v.chunk_tokens, remat=v.remat, attention_block=v.attention_block)
+    params, meta = load_params(ckpt, None)
+    runner = JaxRunner(params, meta.config, "eu", v.shape, chunk_tokens=v.chunk_tokens, remat=v.remat, attention_block=v.attention_block)
     memory = runner.memory_analysis()
     if memory["argument"] + memory["temp"] > meminfo_bytes("MemAvailable"):
         log(f"{v.sweep}: {v.shape}, {v.label}: needs {(memory['argument'] + memory['temp']) / GB:.1f} GB, does not fit")

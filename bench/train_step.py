@@ -80,12 +80,12 @@ def write_model(shape: Shape, out: Path) -> tuple[Path, Path]:
     return out / "hf", import_checkpoint(out / "hf", out / "eu_jax", progress=False)
 
 
-def make_batch(shape: Shape, seed: int = 0) -> dict[str, Any]:
+def make_batch(shape: Shape, vocab_size: int = SMOLLM2["vocab_size"], seed: int = 0) -> dict[str, Any]:
     """Token ids for both halves; every token counts (the mask is all ones)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    ids = rng.integers(3, SMOLLM2["vocab_size"], size=(2, shape.rows, shape.seq), dtype=np.int32)
+    ids = rng.integers(3, vocab_size, size=(2, shape.rows, shape.seq), dtype=np.int32)
     ones = np.ones((shape.rows, shape.seq), np.int32)
     return {half: {"input_ids": ids[i], "attention_mask": ones, "loss_mask": ones} for i, half in enumerate(("retain", "forget"))}
 
@@ -93,12 +93,13 @@ def make_batch(shape: Shape, seed: int = 0) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- eu_jax side
 
 
-def jax_step(ckpt: Path, objective_name: str, chunk_tokens: int = 1024, remat: str = "none", attention_block: int | None = None):
-    """eu_jax's jitted train step, its state and reference params, exactly as `eu-train` builds them."""
+def jax_step(params: dict[str, Any], config: Any, objective_name: str, chunk_tokens: int = 1024, **runtime: Any):
+    """eu_jax's jitted train step, its state and reference params, exactly as `eu-train` builds them.
+
+    `params` are donated to the train state; `runtime` are RuntimeOptions fields (remat, dtype, ...)."""
     import jax
     from ml_collections import ConfigDict
 
-    from eu_jax.convert.checkpoint import load_params
     from eu_jax.models.config import RuntimeOptions
     from eu_jax.objectives import Objective
     from eu_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -109,25 +110,22 @@ def jax_step(ckpt: Path, objective_name: str, chunk_tokens: int = 1024, remat: s
     objective = Objective(retain="nll", forget=forget, forget_kwargs={"beta": NPO_BETA} if forget == "npo" else {})
     opt = ConfigDict(dict(learning_rate=LEARNING_RATE, schedule="constant", warmup_steps=0, end_lr_ratio=1.0,
                           weight_decay=WEIGHT_DECAY, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=CLIP_NORM))
-    params, meta = load_params(ckpt, None)
     reference = jax.tree.map(lambda p: p.copy(), params) if objective.requirements().needs_reference else None
     optimizer = make_optimizer(opt, 1000)
-    options = RuntimeOptions(remat=remat)
-    if attention_block is not None:
-        options = dataclasses.replace(options, attention_block=attention_block)
-    step = make_train_step(meta.config, options, objective, optimizer, learning_rate_schedule(opt, 1000), 1, chunk_tokens)
+    options = RuntimeOptions(**runtime)
+    step = make_train_step(config, options, objective, optimizer, learning_rate_schedule(opt, 1000), 1, chunk_tokens)
     state = jax.jit(lambda p: new_train_state(optimizer, p, 0), donate_argnums=0)(params)
-    return jax.jit(step, donate_argnums=0), state, reference, meta.config
+    return jax.jit(step, donate_argnums=0), state, reference
 
 
 class JaxRunner:
     """Runs eu_jax's step in place: each call advances the state by one step."""
 
-    def __init__(self, ckpt: Path, objective: str, shape: Shape, **options: Any):
+    def __init__(self, params: dict[str, Any], config: Any, objective: str, shape: Shape, **options: Any):
         import jax
 
-        self.step, self.state, self.reference, self.config = jax_step(ckpt, objective, **options)
-        self.batch = jax.device_put(make_batch(shape))
+        self.step, self.state, self.reference = jax_step(params, config, objective, **options)
+        self.batch = jax.device_put(make_batch(shape, config.vocab_size))
         self.compiled = self.step.lower(self.state, self.batch, self.reference).compile()
 
     def __call__(self) -> float:
@@ -263,7 +261,10 @@ def child_side(side: str, objective: str, hf_dir: str, ckpt: str, shape: dict[st
     shp = Shape(**shape)
     start = time.perf_counter()
     if side == "eu_jax":
-        runner = JaxRunner(Path(ckpt), objective, shp)
+        from eu_jax.convert.checkpoint import load_params
+
+        params, meta = load_params(Path(ckpt), None)
+        runner = JaxRunner(params, meta.config, objective, shp)
     else:
         runner = TorchRunner(Path(hf_dir), objective, shp, compiled=side == "torch.compile")
     floor = current_rss_bytes()
