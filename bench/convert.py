@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 import shutil
@@ -28,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from harness import log, machine_description, peak_rss_bytes, report_child_result, run_child_process, verdict
-from report import BENCHMARKS, publish
+from harness import benchmark_parser, log, machine_description, peak_rss_bytes, run_child_process, serve_child, verdict
+from report import publish
 
 from eu_jax.convert.cli import parse_size  # light: argparse only, no jax in this parent process
 
@@ -263,11 +262,6 @@ CHILD_STEPS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-def run_child(name: str, kwargs_json: str) -> None:
-    """Entry point inside the child: run one step, then print its result with this process's peak RSS."""
-    report_child_result(CHILD_STEPS[name](**json.loads(kwargs_json)))
-
-
 # ----------------------------------------------------------------------------------------- the parent
 
 
@@ -458,7 +452,7 @@ def _ratios_table(run: Run) -> list[str]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, children=True)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where the run's temporary directory is made (default: %(default)s)")
     parser.add_argument("--keep", action="store_true",
@@ -468,15 +462,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="max safetensors shard size for the source and the exports (default 5GB: one file)")
     parser.add_argument("--baseline-runs", type=int, default=3,
                         help="runs of each read/copy baseline, best kept (default %(default)s)")
-    parser.add_argument("--no-write", action="store_true", help=f"print the section but do not write {BENCHMARKS.name}")
-    parser.add_argument("--child", nargs=2, metavar=("STEP", "JSON"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.child:
-        run_child(*args.child)
+    if serve_child(args.child, CHILD_STEPS):
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="eu_jax_bench_convert_", dir=args.workdir))

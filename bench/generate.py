@@ -14,7 +14,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -26,8 +25,8 @@ from typing import Callable
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-from harness import fastest_torch_threads, log, machine_description, timed, verdict  # noqa: E402
-from report import BENCHMARKS, publish  # noqa: E402
+from harness import benchmark_parser, fastest_torch_threads, log, machine_description, timed, verdict  # noqa: E402
+from report import publish  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
@@ -265,11 +264,10 @@ def render_section(rows: list[Row], runs: int, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per side and batch, best kept")
-    parser.add_argument("--no-write", action="store_true", help=f"print the section but do not write {BENCHMARKS.name}")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="eu_jax_bench_generate_") as workdir:

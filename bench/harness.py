@@ -3,6 +3,7 @@ steps run in fresh child processes, and the choice of torch's thread count."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -80,6 +81,26 @@ def report_child_result(result: dict[str, Any]) -> None:
     """Inside a child: print its result, with the process's peak RSS, where the parent looks for it."""
     result["peak_rss"] = peak_rss_bytes()
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def benchmark_parser(doc: str, children: bool = False) -> argparse.ArgumentParser:
+    """A script's argument parser with the options every benchmark has: --no-write and, for scripts that run
+    steps in child processes, the hidden --child STEP JSON through which `run_child_process` starts one."""
+    from report import BENCHMARKS
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-write", action="store_true", help=f"print the section but do not write {BENCHMARKS.name}")
+    if children:
+        parser.add_argument("--child", nargs=2, metavar=("STEP", "JSON"), help=argparse.SUPPRESS)
+    return parser
+
+
+def serve_child(child: list[str] | None, steps: dict[str, Callable[..., dict[str, Any]]]) -> bool:
+    """Inside a child (`--child STEP JSON`): run that step and report its result. False in the parent."""
+    if not child:
+        return False
+    report_child_result(steps[child[0]](**json.loads(child[1])))
+    return True
 
 
 def run_child_process(script: str, child: str, kwargs: dict[str, Any], jax_platforms: str = "cpu") -> dict[str, Any]:

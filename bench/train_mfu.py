@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import sys
 import time
 from typing import Any, Callable
 
-from harness import log, report_child_result, run_child_process, timed, verdict
-from report import BENCHMARKS, publish
+from harness import benchmark_parser, log, run_child_process, serve_child, timed, verdict
+from report import publish
 from train_step import Shape, torch_losses
 
 SECTION_TITLE = "## Train step MFU on an accelerator (bench/train_mfu.py)"
@@ -223,7 +222,7 @@ def render_section(run: Run) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, children=True)
     parser.add_argument("--layers", type=int, default=LLAMA_1B["num_hidden_layers"])
     parser.add_argument("--hidden", type=int, default=LLAMA_1B["hidden_size"], help="smaller scales every width (smoke runs)")
     parser.add_argument("--seq", type=int, default=2048)
@@ -232,11 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remat", default="none", choices=["none", "full", "dots"], help="eu_jax's rematerialisation")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile side")
     parser.add_argument("--allow-cpu", action="store_true", help="run eu_jax on CPU (a smoke test of this script)")
-    parser.add_argument("--no-write", action="store_true", help=f"print the section but do not write {BENCHMARKS.name}")
-    parser.add_argument("--child", nargs=2, metavar=("SIDE", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.child:
-        report_child_result(CHILDREN[args.child[0]](**json.loads(args.child[1])))
+    if serve_child(args.child, CHILDREN):
         return
     run = measure(args)
     if any(m.get("no_accelerator") for m in run.sides.values()):

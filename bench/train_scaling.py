@@ -15,7 +15,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import math
@@ -28,7 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from harness import log, machine_description, meminfo_bytes, timed  # noqa: E402
+from harness import benchmark_parser, log, machine_description, meminfo_bytes, timed  # noqa: E402
 from report import BENCHMARKS, publish  # noqa: E402
 from train_step import SMOLLM2, JaxRunner, Shape, write_model  # noqa: E402
 
@@ -156,11 +155,10 @@ def render_section(points: list[Point], layers: int, runs: int, seconds: float, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"])
     parser.add_argument("--max-seq", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=1, help="timed steps per point, best kept")
-    parser.add_argument("--no-write", action="store_true", help=f"print the section but do not write {BENCHMARKS.name}")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="eu_jax_bench_scaling_"))

@@ -19,10 +19,8 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 import shutil
@@ -34,8 +32,8 @@ from typing import Any, Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from harness import current_rss_bytes, fastest_torch_threads, log, machine_description, report_child_result, run_child_process, timed, verdict  # noqa: E402
-from report import BENCHMARKS, publish  # noqa: E402
+from harness import benchmark_parser, current_rss_bytes, fastest_torch_threads, log, machine_description, run_child_process, serve_child, timed, verdict  # noqa: E402
+from report import publish  # noqa: E402
 
 SECTION_TITLE = "## Train step (bench/train_step.py)"
 SPEEDUP_GOAL = 1.2  # eu_jax tokens/s at least this many times PyTorch eager's
@@ -390,17 +388,14 @@ def render_section(r: Results) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, children=True)
     parser.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"])
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rows", type=int, default=4, help="rows per half (retain and forget)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side, best kept")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile side")
-    parser.add_argument("--no-write", action="store_true", help=f"print the section but do not write {BENCHMARKS.name}")
-    parser.add_argument("--child", nargs=2, metavar=("STEP", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.child:
-        report_child_result(CHILDREN[args.child[0]](**json.loads(args.child[1])))
+    if serve_child(args.child, CHILDREN):
         return
     workdir = Path(tempfile.mkdtemp(prefix="eu_jax_bench_train_"))
     try:
