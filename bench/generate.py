@@ -40,6 +40,7 @@ from eu_jax.models.state import build_decoder  # noqa: E402
 SECTION_TITLE = "## Generation (bench/generate.py)"
 SPEEDUP_GOAL = 3.0  # eu_jax tokens/s at least this many times transformers' at batch 16
 GOAL_BATCH = 16
+PRODUCT_REPEATS = 3  # timed runs of the weight-products floor per timed run of `generate`
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -152,7 +153,7 @@ def measure(decoders, reference, tokenizer, batch: int, new_tokens: int, runs: i
              None if name == "transformers" else sum(a == b for a, b in zip(tokens[name], tokens["transformers"])))
         for name in runners
     ]
-    products = weight_products_ms(next(iter(decoders.values())).config, batch, repeats=max(runs, 3) * 3)
+    products = weight_products_ms(next(iter(decoders.values())).config, batch, repeats=PRODUCT_REPEATS * runs)
     log(f"batch {batch} weight products alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in products.items()))
     return Row(batch, max(map(len, prompts)), sides, threads, new_tokens, products)
 
@@ -241,7 +242,7 @@ def render_section(rows: list[Row], runs: int, seconds: float) -> str:
         "",
         "The floor of a decode step (`weight_products_ms`): every layer's seven weight products and the output "
         "head alone, for the batch's one-token rows, each weight read from memory as in a step; no attention, "
-        "norms or sampling. Best of the runs, XLA and PyTorch (same threads as above) side by side.",
+        f"norms or sampling. Best of {PRODUCT_REPEATS * runs} alternating runs, XLA and PyTorch (same threads as above).",
         "",
         "| Batch | Weight products alone, XLA ms | Weight products alone, PyTorch ms | transformers' decode step ms "
         f"| Decode step {SPEEDUP_GOAL:g}x transformers would need ms |",

@@ -36,7 +36,9 @@ from typing import Any, Callable
 
 from harness import benchmark_parser, log, run_child_process, serve_child, timed, verdict
 from report import publish
-from train_step import Shape, torch_losses
+from train_step import Shape, eu_step_flops, torch_losses
+
+from eu_jax.train.flops import peak_flops_of_kind
 
 SECTION_TITLE = "## Train step MFU on an accelerator (bench/train_mfu.py)"
 MFU_GOAL = 0.45
@@ -62,19 +64,6 @@ def hf_config(layers: int, hidden: int):
         num_key_value_heads=max(1, int(LLAMA_1B["num_key_value_heads"] * scale)),
         head_dim=64,
     ))
-
-
-def step_flops(layers: int, hidden: int, shape: Shape) -> float:
-    from eu_jax.models.config import from_hf_config
-    from eu_jax.train import flops
-
-    return flops.step_flops(from_hf_config(hf_config(layers, hidden)), shape.seq, shape.tokens, 0)
-
-
-def peak_flops(device_kind: str) -> float:
-    from eu_jax.train.flops import PEAK_FLOPS_BY_KIND
-
-    return next((f for prefix, f in PEAK_FLOPS_BY_KIND.items() if device_kind.startswith(prefix)), 0.0)
 
 
 def child_eu_jax(layers: int, hidden: int, shape: dict[str, int], steps: int, remat: str, allow_cpu: bool) -> dict[str, Any]:
@@ -161,9 +150,8 @@ class Run:
 
 def measure(args: argparse.Namespace) -> Run:
     start = time.perf_counter()
-    shape = dataclasses.asdict(Shape(args.layers, args.seq, args.rows))
-    common = dict(layers=args.layers, hidden=args.hidden, shape=shape, steps=args.steps)
-    common = dict(common, allow_cpu=args.allow_cpu)
+    shape = Shape(args.layers, args.seq, args.rows)
+    common = dict(layers=args.layers, hidden=args.hidden, shape=dataclasses.asdict(shape), steps=args.steps, allow_cpu=args.allow_cpu)
     children = {"eu_jax": ("eu_jax", dict(common, remat=args.remat)), "PyTorch eager": ("torch", dict(common, compiled=False))}
     if not args.no_compile:
         children["torch.compile"] = ("torch", dict(common, compiled=True))
@@ -177,7 +165,7 @@ def measure(args: argparse.Namespace) -> Run:
         log(f"  {sides[name]}")
         if sides[name].get("no_accelerator"):
             break
-    return Run(args, sides, step_flops(args.layers, args.hidden, Shape(args.layers, args.seq, args.rows)), time.perf_counter() - start)
+    return Run(args, sides, eu_step_flops(hf_config(args.layers, args.hidden), shape), time.perf_counter() - start)
 
 
 def render_section(run: Run) -> str:
@@ -206,7 +194,7 @@ def render_section(run: Run) -> str:
         if "seconds" not in m:
             lines.append(f"| {name} | failed: {m.get('failed', '')[:160]} |" + " |" * 8)
             continue
-        best, peak = min(m["seconds"]), peak_flops(m["device"])
+        best, peak = min(m["seconds"]), peak_flops_of_kind(m["device"])
         mfu = f"{run.flops / best / peak:.0%}" if peak else "unknown peak"
         speedup = f"{eager_best / best:.2f}x" if eager_best else "—"
         lines.append(
@@ -214,8 +202,9 @@ def render_section(run: Run) -> str:
             f"{mfu} | {speedup} | {m['loss']:.4f} | {m['device_bytes'] / GB:.1f} |"
         )
     ours = run.sides.get("eu_jax", {})
-    if "seconds" in ours and ours["device"] != "cpu" and peak_flops(ours["device"]):
-        mfu = run.flops / min(ours["seconds"]) / peak_flops(ours["device"])
+    peak = peak_flops_of_kind(ours.get("device", "cpu"))
+    if "seconds" in ours and ours["device"] != "cpu" and peak:
+        mfu = run.flops / min(ours["seconds"]) / peak
         lines += ["", "| Goal | Value | Verdict |", "|---|---:|---|",
                   f"| eu_jax MFU ≥ {MFU_GOAL:.0%} (1B-class model, bf16, one H100/H200) | {mfu:.0%} | {verdict(mfu >= MFU_GOAL)} |"]
     return "\n".join(lines) + "\n"

@@ -64,6 +64,13 @@ class Shape:
 # ----------------------------------------------------------------------------------------- the model
 
 
+def smollm2_config(layers: int):
+    """transformers' LlamaConfig of the SmolLM2-135M shape with `layers` layers."""
+    import transformers
+
+    return transformers.LlamaConfig(**dict(SMOLLM2, num_hidden_layers=layers))
+
+
 def write_model(shape: Shape, out: Path) -> tuple[Path, Path]:
     """Random SmolLM2-shaped weights saved by transformers, and their eu_jax import."""
     import torch
@@ -72,8 +79,7 @@ def write_model(shape: Shape, out: Path) -> tuple[Path, Path]:
     from eu_jax.convert.hf_import import import_checkpoint
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**dict(SMOLLM2, num_hidden_layers=shape.layers))
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(smollm2_config(shape.layers))
     model.save_pretrained(out / "hf")
     return out / "hf", import_checkpoint(out / "hf", out / "eu_jax", progress=False)
 
@@ -239,15 +245,13 @@ def matmul_rates(shape: Shape, repeats: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------- measurements
 
 
-def eu_step_flops(shape: Shape) -> float:
-    """Analytic matmul FLOPs of one EU step (no reference model), as eu-train's logs count them."""
-    import transformers
-
+def eu_step_flops(hf_config: Any, shape: Shape) -> float:
+    """Analytic matmul FLOPs of one EU step (no reference model) of a transformers config's model, as eu-train's
+    logs count them."""
     from eu_jax.models.config import from_hf_config
     from eu_jax.train.flops import step_flops
 
-    config = from_hf_config(transformers.LlamaConfig(**dict(SMOLLM2, num_hidden_layers=shape.layers)))
-    return step_flops(config, shape.seq, shape.tokens, 0)
+    return step_flops(from_hf_config(hf_config), shape.seq, shape.tokens, 0)
 
 
 SIDES = ("eu_jax", "PyTorch eager", "torch.compile")
@@ -316,7 +320,8 @@ def run_benchmark(workdir: Path, shape: Shape, steps: int, try_compile: bool) ->
         log(f"  {result.get('seconds', result.get('failed'))}")
     log("matmul rates of the model's shapes (XLA and torch)")
     rates = run_child_process(__file__, "matmul", dict(shape=dataclasses.asdict(shape)))
-    return Results(shape, sides, {k: rates[k] for k in ("xla", "torch")}, eu_step_flops(shape), steps, time.perf_counter() - start)
+    flops = eu_step_flops(smollm2_config(shape.layers), shape)
+    return Results(shape, sides, {k: rates[k] for k in ("xla", "torch")}, flops, steps, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------- the report

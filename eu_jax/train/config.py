@@ -37,6 +37,10 @@ def data_source() -> ConfigDict:
 
 
 def get_default_config() -> ConfigDict:
+    import dataclasses
+
+    from eu_jax.models.config import RuntimeOptions
+
     config = ConfigDict()
     config.model = ConfigDict(
         {
@@ -44,9 +48,7 @@ def get_default_config() -> ConfigDict:
             "reference_checkpoint": "",  # frozen reference model; default: the same weights
         }
     )
-    config.runtime = ConfigDict(
-        {"param_dtype": "float32", "dtype": "float32", "remat": "none", "scan_layers": True, "attention_block": 256}
-    )
+    config.runtime = ConfigDict(dataclasses.asdict(RuntimeOptions()))  # every field, at its default
     # Mesh axes within a slice (ICI) and across slices (DCN); -1 takes the remaining devices.
     config.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1})
     config.distributed = ConfigDict(

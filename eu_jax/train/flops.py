@@ -43,5 +43,9 @@ def peak_flops_per_device(override: float = 0.0) -> float:
         return override
     if jax.default_backend() == "cpu":  # one host's peak, shared by its (virtual) devices
         return PEAK_FLOPS_BY_KIND["cpu"] / jax.local_device_count()
-    kind = jax.devices()[0].device_kind
-    return next((flops for prefix, flops in PEAK_FLOPS_BY_KIND.items() if kind.startswith(prefix)), 0.0)
+    return peak_flops_of_kind(jax.devices()[0].device_kind)
+
+
+def peak_flops_of_kind(device_kind: str) -> float:
+    """The table's dense bf16 peak for a device kind as jax or torch name it ("NVIDIA H100 80GB HBM3"); 0 if unknown."""
+    return next((flops for prefix, flops in PEAK_FLOPS_BY_KIND.items() if device_kind.startswith(prefix)), 0.0)

@@ -77,7 +77,8 @@ def get_token_config() -> ConfigDict:
             "raw": {"steps": 100, "learning_rate": 1e-2},
             "mixed": {"steps": 60, "learning_rate": 1e-3},
             "robust": {"steps": 40, "learning_rate": 1e-3, "noise_scale": 0.1},
-            "runtime": {"dtype": "float32", "remat": "none", "scan_layers": True, "attention_block": 256},
+            # RuntimeOptions' defaults; the parameter dtype is the checkpoint's own.
+            "runtime": {k: v for k, v in dataclasses.asdict(RuntimeOptions()).items() if k != "param_dtype"},
             "mesh": {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1},
         }
     )
