@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,8 @@ def test_train_step_sides_compute_the_same_loss():
         eager = next(r for r in rows if r["Side"].startswith("PyTorch eager") and r["Objective"] == objective)
         assert float(ours["Loss of step 1"]) == pytest.approx(float(eager["Loss of step 1"]), abs=1e-3), objective
         assert float(ours["Seconds per step"]) > 0 and float(ours["XLA temporaries GB"]) > 0
-    assert "XLA" in out.split("Matmul rate of the model's own shapes")[1]
+    rates = re.search(r"own shapes .*: XLA ([0-9.]+) GFLOP/s, PyTorch ([0-9.]+) GFLOP/s", out)
+    assert rates and min(float(rates[1]), float(rates[2])) > 0, "no matmul rates in the section"
     assert_every_goal_has_a_verdict(out)
 
 
@@ -86,7 +88,7 @@ def test_train_mfu_smoke_on_cpu():
     # bf16 compute on both sides from different random weights: both start near ln(vocab), not equal.
     for row in (ours, eager):
         assert abs(float(row["Loss of step 1"]) - math.log(128256)) < 0.5, row
-        assert row["MFU"].endswith("%") and float(row["Seconds per step"]) > 0
+        assert row["MFU"] == "unknown peak" and float(row["Seconds per step"]) > 0  # CPUs have no peak in the table
 
 
 def test_train_scaling_chunked_log_probs_need_fewer_temporaries():

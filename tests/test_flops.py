@@ -9,7 +9,7 @@ from flax import nnx
 
 from eu_jax.models.config import ModelConfig, RuntimeOptions
 from eu_jax.models.llama import Decoder
-from eu_jax.train.flops import forward_flops_per_token, step_flops
+from eu_jax.train.flops import forward_flops_per_token, peak_flops_of_kind, peak_flops_per_device, step_flops
 
 
 @pytest.mark.parametrize("seq_len", [64, 256])
@@ -35,3 +35,11 @@ def test_step_flops_count_backward_twice_and_reference_once():
     per_token = forward_flops_per_token(config, 16)
     assert step_flops(config, 16, trained_tokens=10, reference_tokens=0) == 30 * per_token
     assert step_flops(config, 16, trained_tokens=10, reference_tokens=10) == 40 * per_token
+
+
+def test_peak_flops_come_from_the_device_kind_or_the_override():
+    assert peak_flops_of_kind("NVIDIA H100 80GB HBM3") == 989e12  # torch's name of the card
+    assert peak_flops_of_kind("TPU v5 lite") == 197e12
+    assert peak_flops_of_kind("cpu") == 0.0  # no fixed CPU peak: no made-up MFU
+    assert peak_flops_per_device() == 0.0  # the tests run on CPU devices
+    assert peak_flops_per_device(override=2.5e11) == 2.5e11

@@ -113,7 +113,7 @@ def get_default_config() -> ConfigDict:
             "best_metric": "",  # an eval metric to keep the best checkpoint on
             "best_mode": "min",
             "early_stopping_patience": 0,  # evals without improvement before stopping; 0: never
-            "peak_flops_per_device": 0.0,  # for MFU; 0: a table by device kind
+            "peak_flops_per_device": 0.0,  # for MFU; 0: the device kind's peak from a table (CPUs: none, no MFU)
             "tensorboard": True,
         }
     )

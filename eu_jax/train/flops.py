@@ -6,7 +6,9 @@ import jax
 
 from eu_jax.models.config import ModelConfig
 
-# Dense bf16 peak per device (vendor figures); CPU: the fp32 matmul rate of this project's 2-core host.
+# Dense bf16 peak per device (vendor figures). CPUs have none here: their matmul rate depends on the model, the
+# cores and their vector units (this project's 2-core hosts measured 120 to 300 GFLOP/s), so a fixed figure would
+# print a made-up MFU; set train.peak_flops_per_device to a rate measured on the host instead.
 PEAK_FLOPS_BY_KIND = {
     "TPU v5p": 459e12,
     "TPU v5 lite": 197e12,
@@ -16,7 +18,6 @@ PEAK_FLOPS_BY_KIND = {
     "NVIDIA H200": 989e12,
     "NVIDIA H100": 989e12,
     "NVIDIA A100": 312e12,
-    "cpu": 120e9,
 }
 
 
@@ -38,11 +39,9 @@ def step_flops(config: ModelConfig, seq_len: int, trained_tokens: int, reference
 
 
 def peak_flops_per_device(override: float = 0.0) -> float:
-    """The configured peak, else the table's entry for this device kind (0: unknown, no MFU)."""
+    """The configured peak, else the table's entry for this device kind (0: unknown, as on CPUs: no MFU)."""
     if override > 0:
         return override
-    if jax.default_backend() == "cpu":  # one host's peak, shared by its (virtual) devices
-        return PEAK_FLOPS_BY_KIND["cpu"] / jax.local_device_count()
     return peak_flops_of_kind(jax.devices()[0].device_kind)
 
 
