@@ -31,7 +31,6 @@ from harness import benchmark_parser, log, machine_description, meminfo_bytes, t
 from report import BENCHMARKS, publish  # noqa: E402
 from train_step import SMOLLM2, JaxRunner, Shape, write_model  # noqa: E402
 
-from eu_jax.convert.checkpoint import load_params  # noqa: E402
 from eu_jax.models.config import RuntimeOptions  # noqa: E402
 
 SECTION_TITLE = "## Train step scaling (bench/train_scaling.py)"
@@ -78,8 +77,7 @@ def variants(layers: int, max_seq: int) -> list[Variant]:
 
 
 def measure(ckpt: Path, v: Variant, runs: int) -> Point:
-    params, meta = load_params(ckpt, None)
-    runner = JaxRunner(params, meta.config, "eu", v.shape, chunk_tokens=v.chunk_tokens, remat=v.remat, attention_block=v.attention_block)
+    runner = JaxRunner.from_checkpoint(ckpt, "eu", v.shape, chunk_tokens=v.chunk_tokens, remat=v.remat, attention_block=v.attention_block)
     memory = runner.memory_analysis()
     if memory["argument"] + memory["temp"] > meminfo_bytes("MemAvailable"):
         log(f"{v.sweep}: {v.shape}, {v.label}: needs {(memory['argument'] + memory['temp']) / GB:.1f} GB, does not fit")

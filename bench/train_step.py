@@ -132,6 +132,14 @@ class JaxRunner:
         self.batch = jax.device_put(make_batch(shape, config.vocab_size))
         self.compiled = self.step.lower(self.state, self.batch, self.reference).compile()
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: Path, objective: str, shape: Shape, **options: Any) -> "JaxRunner":
+        """A runner on a fresh load of an eu_jax checkpoint's params (the runner's state takes them over)."""
+        from eu_jax.convert.checkpoint import load_params
+
+        params, meta = load_params(ckpt, None)
+        return cls(params, meta.config, objective, shape, **options)
+
     def __call__(self) -> float:
         import jax
 
@@ -263,10 +271,7 @@ def child_side(side: str, objective: str, hf_dir: str, ckpt: str, shape: dict[st
     shp = Shape(**shape)
     start = time.perf_counter()
     if side == "eu_jax":
-        from eu_jax.convert.checkpoint import load_params
-
-        params, meta = load_params(Path(ckpt), None)
-        runner = JaxRunner(params, meta.config, objective, shp)
+        runner = JaxRunner.from_checkpoint(Path(ckpt), objective, shp)
     else:
         runner = TorchRunner(Path(hf_dir), objective, shp, compiled=side == "torch.compile")
     floor = current_rss_bytes()

@@ -7,6 +7,7 @@ types on assignment; `validate` checks the values (names, ranges, paths) before 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,7 @@ def data_source() -> ConfigDict:
 
 
 def get_default_config() -> ConfigDict:
-    import dataclasses
-
-    from eu_jax.models.config import RuntimeOptions
+    from eu_jax.models.config import RuntimeOptions  # lazily, like validate's: jax loads only when a config is built
 
     config = ConfigDict()
     config.model = ConfigDict(
