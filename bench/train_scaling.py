@@ -42,7 +42,7 @@ GB = 10**9
 class Variant:
     sweep: str  # "sequence", "batch", "log-probs" or "attention"
     shape: Shape
-    remat: str = "none"
+    remat: str = RuntimeOptions().remat
     chunk_tokens: int = 1024
     attention_block: int = RuntimeOptions().attention_block
 
@@ -68,7 +68,7 @@ class Point:
 
 def variants(layers: int, max_seq: int) -> list[Variant]:
     seqs = [s for s in (128, 256, 512, 1024, 2048) if s <= max_seq]
-    out = [Variant("sequence", Shape(layers, s, 1), remat) for remat in ("none", "full") for s in seqs]
+    out = [Variant("sequence", Shape(layers, s, 1), remat) for remat in ("none", "dots", "full") for s in seqs]
     out += [Variant("batch", Shape(layers, 256, rows)) for rows in (1, 2, 4, 8)]
     rows_tokens = 4 * 256
     out += [Variant("log-probs", Shape(layers, 256, 4), chunk_tokens=c) for c in (128, rows_tokens)]
@@ -96,8 +96,7 @@ def plot(points: list[Point], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     curves = {
-        "remat none": lambda v: v.sweep == "sequence" and v.remat == "none",
-        "remat full": lambda v: v.sweep == "sequence" and v.remat == "full",
+        **{f"remat {remat}": lambda v, remat=remat: v.sweep == "sequence" and v.remat == remat for remat in ("none", "dots", "full")},
         "remat full, attention as one product": lambda v: v.sweep == "attention",
     }
     for label, belongs in curves.items():
@@ -131,8 +130,9 @@ def render_section(points: list[Point], layers: int, runs: int, seconds: float, 
         "",
         f"Seconds: one step after compilation, best of {runs}. Memory: XLA's account of the compiled step "
         "(arguments = params, AdamW state and batch; temporaries = activations kept for the backward pass and "
-        "workspace), exact and independent of the machine's load. Remat `full` recomputes each layer in the "
-        "backward pass; log-probs are computed `chunk_tokens` tokens at a time (one chunk per half = the whole "
+        "workspace), exact and independent of the machine's load. Remat `dots` (the default) keeps each layer's "
+        "matmul outputs and recomputes the rest in the backward pass, `full` keeps only each layer's input, `none` "
+        "every intermediate; log-probs are computed `chunk_tokens` tokens at a time (one chunk per half = the whole "
         f"half's {SMOLLM2['vocab_size']:,}-way logits at once). Causal attention runs `attention_block` queries "
         "at a time against the keys up to each block's end (the default), or as one [T, T] product per head "
         "(the attention sweep, for comparison).",

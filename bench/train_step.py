@@ -102,6 +102,7 @@ def jax_step(params: dict[str, Any], config: Any, objective_name: str, chunk_tok
 
     `params` are donated to the train state; `runtime` are RuntimeOptions fields (remat, dtype, ...)."""
     import jax
+    import jax.numpy as jnp
     from ml_collections import ConfigDict
 
     from eu_jax.models.config import RuntimeOptions
@@ -114,7 +115,9 @@ def jax_step(params: dict[str, Any], config: Any, objective_name: str, chunk_tok
     objective = Objective(retain="nll", forget=forget, forget_kwargs={"beta": NPO_BETA} if forget == "npo" else {})
     opt = ConfigDict(dict(learning_rate=LEARNING_RATE, schedule="constant", warmup_steps=0, end_lr_ratio=1.0,
                           weight_decay=WEIGHT_DECAY, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=CLIP_NORM))
-    reference = jax.tree.map(lambda p: p.copy(), params) if objective.requirements().needs_reference else None
+    # A copy on the device, as `eu-train` loads it: host arrays would be taken in again by every step.
+    needs_reference = objective.requirements().needs_reference
+    reference = jax.tree.map(lambda p: jnp.array(p, copy=True), params) if needs_reference else None
     optimizer = make_optimizer(opt, 1000)
     options = RuntimeOptions(**runtime)
     step = make_train_step(config, options, objective, optimizer, learning_rate_schedule(opt, 1000), 1, chunk_tokens)
@@ -337,6 +340,8 @@ def render_section(r: Results) -> str:
     import torch
     import transformers
 
+    from eu_jax.models.config import RuntimeOptions
+
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     best_rate = max(r.rates.values())
     eager = r.best("PyTorch eager eu")
@@ -354,7 +359,8 @@ def render_section(r: Results) -> str:
         "process slow each other: torch's and XLA's thread pools compete). The PyTorch reference runs transformers' "
         "`LlamaForCausalLM` (eager attention) on both halves at once, full-vocabulary log-softmax, `clip_grad_norm_` "
         "and `torch.optim.AdamW`; eu_jax runs `make_train_step` as `eu-train` does (both halves in one forward, "
-        "log-probs in chunks of 1024 tokens). FLOP/s = analytic matmul FLOPs of the step (`eu_jax.train.flops`, "
+        f"log-probs in chunks of 1024 tokens, remat `{RuntimeOptions().remat}`: each layer keeps its matmul outputs "
+        "for the backward pass and recomputes the rest). FLOP/s = analytic matmul FLOPs of the step (`eu_jax.train.flops`, "
         f"{r.flops / 1e12:.2f} TFLOP) / seconds. torch uses 1 thread or all cores, whichever a short probe found "
         "faster. Peak RSS is the process's high-water mark (VmHWM); the floor is its RSS once the model, optimizer "
         "and batch are set up. The NPO step also runs the frozen reference model on the forget half. XLA's own "

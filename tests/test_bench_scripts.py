@@ -98,6 +98,7 @@ def test_train_scaling_chunked_log_probs_need_fewer_temporaries():
     chunked, whole = (next(r for r in rows if r["Sweep"] == "log-probs" and key in r["Variant"])
                       for key in ("chunks of 128", "one chunk per half"))
     assert float(chunked["Temporaries GB"]) < float(whole["Temporaries GB"])
+    assert {r["Variant"].split(",")[0] for r in rows if r["Sweep"] == "sequence"} == {"remat none", "remat dots", "remat full"}
     assert all(float(r["Seconds"]) > 0 for r in rows)
 
 

@@ -12,12 +12,13 @@ import torch
 import transformers
 
 from eu_jax.convert.checkpoint import load_params
-from eu_jax.convert.export import export_checkpoint
+from eu_jax.convert.export import export_checkpoint, hf_tensors
 from eu_jax.convert.hf_import import import_checkpoint
 from eu_jax.generate import greedy_generate
 from eu_jax.models.config import RuntimeOptions
 from eu_jax.models.llama import KVCache
 from eu_jax.models.state import build_decoder
+from eu_jax.tree_paths import get_path
 from tests.tiny_models import FAMILIES, save_hf_model
 
 # A left-padded and a right-padded row next to a full one.
@@ -80,37 +81,79 @@ def test_layer_iteration_and_remat_give_the_same_logits(qwen3, options):
     np.testing.assert_allclose(np.asarray(eu_logits(qwen3, options).logits), reference, atol=1e-5)
 
 
-def test_block_causal_attention_matches_transformers(family):
-    """Queries 5 at a time (blocks of 5, 5 and 2) against keys up to each block's end: logits and the
-    gradient of a next-token loss reaching the embedding, both against transformers' full attention."""
-    valid = ATTENTION_MASK.astype(bool)
-    targets = np.roll(INPUT_IDS, -1, axis=1)
-    weights = (valid & np.roll(valid, -1, axis=1)).astype(np.float32)
-    weights[:, -1] = 0
+# Next-token targets and the weights of the positions whose target is a real token.
+TARGETS = np.roll(INPUT_IDS, -1, axis=1)
+TARGET_WEIGHTS = (ATTENTION_MASK.astype(bool) & np.roll(ATTENTION_MASK.astype(bool), -1, axis=1)).astype(np.float32)
+TARGET_WEIGHTS[:, -1] = 0
 
-    model = family.hf
+
+def torch_next_token_loss(model):
+    """transformers' logits, summed next-token NLL and every parameter's gradient (by HF name)."""
+    model.zero_grad(set_to_none=True)
     logits = model(
         input_ids=torch.as_tensor(INPUT_IDS),
         attention_mask=torch.as_tensor(ATTENTION_MASK),
         position_ids=torch.as_tensor(POSITIONS),
     ).logits
-    picked = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(targets)[..., None])[..., 0]
-    torch_loss = -(picked * torch.as_tensor(weights)).sum()
-    model.zero_grad()
-    torch_loss.backward()
-    expected_grad = model.get_input_embeddings().weight.grad.numpy().copy()
+    picked = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(TARGETS)[..., None])[..., 0]
+    loss = -(picked * torch.as_tensor(TARGET_WEIGHTS)).sum()
+    loss.backward()
+    grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
+    return logits.detach().numpy(), float(loss.detach()), grads
+
+
+def eu_next_token_loss(family, options):
+    """The same loss through eu_jax: (value, logits) and the params' gradients."""
 
     def loss(params):
-        decoder = build_decoder(family.config, params, RuntimeOptions(attention_block=5))
+        decoder = build_decoder(family.config, params, options)
         z = decoder(jnp.asarray(INPUT_IDS), jnp.asarray(ATTENTION_MASK)).logits
-        log_p = jnp.take_along_axis(jax.nn.log_softmax(z, -1), jnp.asarray(targets)[..., None], axis=-1)[..., 0]
-        return -(log_p * weights).sum(), z
+        log_p = jnp.take_along_axis(jax.nn.log_softmax(z, -1), jnp.asarray(TARGETS)[..., None], axis=-1)[..., 0]
+        return -(log_p * TARGET_WEIGHTS).sum(), z
 
-    (value, ours), grads = jax.value_and_grad(loss, has_aux=True)(family.params)
-    assert np.abs(logits.detach().numpy() - np.asarray(ours))[valid].max() < 1e-4
-    np.testing.assert_allclose(float(value), float(torch_loss), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(grads["embed"]), expected_grad, rtol=1e-4, atol=1e-4)
+    return jax.value_and_grad(loss, has_aux=True)(family.params)
+
+
+def test_block_causal_attention_matches_transformers(family):
+    """Queries 5 at a time (blocks of 5, 5 and 2) against keys up to each block's end: logits and the
+    gradient of a next-token loss reaching the embedding, both against transformers' full attention."""
+    valid = ATTENTION_MASK.astype(bool)
+    logits, torch_loss, torch_grads = torch_next_token_loss(family.hf)
+    (value, ours), grads = eu_next_token_loss(family, RuntimeOptions(attention_block=5))
+    assert np.abs(logits - np.asarray(ours))[valid].max() < 1e-4
+    np.testing.assert_allclose(float(value), torch_loss, rtol=1e-5)
+    embed_name = next(name for name in torch_grads if name.endswith("embed_tokens.weight"))
+    np.testing.assert_allclose(np.asarray(grads["embed"]), torch_grads[embed_name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_every_gradient_matches_transformers_under_each_remat_policy(qwen3, remat):
+    """Rematerialisation changes what the backward pass keeps, never its result: every parameter's gradient,
+    mapped to its Hugging Face tensor by the export's key map, against transformers' autograd."""
+    _, torch_loss, torch_grads = torch_next_token_loss(qwen3.hf)
+    (value, _), grads = eu_next_token_loss(qwen3, RuntimeOptions(remat=remat, attention_block=5))
+    np.testing.assert_allclose(float(value), torch_loss, rtol=1e-5)
+    ours = {t.name: t.load() for t in hf_tensors(lambda path: np.asarray(get_path(grads, path)), qwen3.config, grads, np.float32)}
+    assert set(ours) == set(torch_grads)
+    for name, expected in torch_grads.items():
+        scale = max(np.abs(expected).max(), 1e-3)
+        np.testing.assert_allclose(ours[name] / scale, expected / scale, atol=1e-4, err_msg=name)
+
+
+def test_each_remat_policy_keeps_less_for_the_backward_pass(qwen3):
+    """XLA's account of the compiled gradient: "dots" keeps the matmul outputs only, "full" only each layer's
+    input, "none" every intermediate (so the option reaches the layer scan)."""
+    ids = jnp.asarray(np.random.default_rng(1).integers(3, 256, size=(4, 64)))
+
+    def temporaries(remat):
+        def loss(params):
+            return jnp.mean(build_decoder(qwen3.config, params, RuntimeOptions(remat=remat))(ids).logits ** 2)
+
+        return jax.jit(jax.grad(loss)).lower(qwen3.params).compile().memory_analysis().temp_size_in_bytes
+
+    kept = {remat: temporaries(remat) for remat in ("none", "dots", "full")}
+    assert kept["full"] < kept["dots"] < kept["none"], kept
 
 
 def test_hidden_states_match_transformers(qwen3):

@@ -96,7 +96,10 @@ class RuntimeOptions:
 
     param_dtype: str = "float32"
     dtype: str = "float32"
-    remat: str = "none"  # "none", "full" (keep only layer inputs) or "dots" (keep matmul outputs)
+    # What a layer keeps for its backward pass: "dots" its matmul outputs (the rest is recomputed), "full" only
+    # its input, "none" every intermediate. "dots" is also the fastest on CPU: writing and re-reading every
+    # intermediate cost more than recomputing the elementwise ops (bench/train_scaling.py).
+    remat: str = "dots"
     scan_layers: bool = True
     attention_block: int = 256  # queries per block of causal attention; 0 = every score in one product
 
