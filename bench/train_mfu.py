@@ -39,7 +39,6 @@ from report import publish
 from train_step import Shape, eu_step_flops, torch_losses
 
 from eu_jax.models.config import REMAT_POLICIES
-
 from eu_jax.train.flops import peak_flops_of_kind
 
 SECTION_TITLE = "## Train step MFU on an accelerator (bench/train_mfu.py)"

@@ -83,7 +83,7 @@ def test_layer_iteration_and_remat_give_the_same_logits(qwen3, options):
 
 # Next-token targets and the weights of the positions whose target is a real token.
 TARGETS = np.roll(INPUT_IDS, -1, axis=1)
-TARGET_WEIGHTS = (ATTENTION_MASK.astype(bool) & np.roll(ATTENTION_MASK.astype(bool), -1, axis=1)).astype(np.float32)
+TARGET_WEIGHTS = (ATTENTION_MASK * np.roll(ATTENTION_MASK, -1, axis=1)).astype(np.float32)
 TARGET_WEIGHTS[:, -1] = 0
 
 

@@ -98,7 +98,7 @@ class RuntimeOptions:
     dtype: str = "float32"
     # What a layer keeps for its backward pass: "dots" its matmul outputs (the rest is recomputed), "full" only
     # its input, "none" every intermediate. "dots" is also the fastest on CPU: writing and re-reading every
-    # intermediate cost more than recomputing the elementwise ops (BENCHMARKS.md, train step).
+    # intermediate cost more than recomputing the elementwise ops (bench/train_scaling.py, batch sweep).
     remat: str = "dots"
     scan_layers: bool = True
     attention_block: int = 256  # queries per block of causal attention; 0 = every score in one product
