@@ -245,6 +245,22 @@ def child_import(src: str, out: str, dims: dict[str, int]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start, **loaded}
 
 
+def child_load(ckpt: str) -> dict[str, Any]:
+    """Restore the imported checkpoint as fp32 params on the CPU device, as a training run starts."""
+    loaded = _load_conversion_libraries()
+    import jax
+
+    from eu_jax.convert.checkpoint import load_model_meta, load_params
+    from eu_jax.models.state import params_shardings
+    from eu_jax.parallel.mesh import single_device_mesh
+
+    start = time.perf_counter()
+    meta = load_model_meta(Path(ckpt))
+    params, _ = load_params(Path(ckpt), params_shardings(meta.config, single_device_mesh()))
+    jax.block_until_ready(params)
+    return {"seconds": time.perf_counter() - start, **loaded}
+
+
 def child_export(ckpt: str, out: str, dtype: str, shard_bytes: int) -> dict[str, Any]:
     loaded = _load_conversion_libraries()
     from eu_jax.convert.export import export_checkpoint
@@ -258,6 +274,7 @@ CHILD_STEPS: dict[str, Callable[..., dict[str, Any]]] = {
     "read": child_read,
     "copy": child_copy,
     "import": child_import,
+    "load": child_load,
     "export": child_export,
 }
 
@@ -269,7 +286,7 @@ CHILD_STEPS: dict[str, Callable[..., dict[str, Any]]] = {
 class Step:
     name: str
     work: str
-    bytes: int  # bytes read (read, import) or written (copy, export); 0 for the floor
+    bytes: int  # bytes read (read, import), written (copy, export) or restored (load)
     seconds: float
     peak_rss: int
     extra: dict[str, Any]
@@ -329,7 +346,7 @@ class Run:
 
     @property
     def params_bytes(self) -> int:
-        """What import holds and export restores: fp32 params."""
+        """The fp32 params a model trains in: the yardstick of the peak-RSS goal."""
         return self.dims.params * 4
 
 
@@ -346,8 +363,10 @@ def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_run
         steps[step.name] = step
 
     add(run_step("read", "read the safetensors bytes into one buffer", file_bytes, "read", baseline_runs, files=files))
-    add(run_step("import", "import to fp32 params (orbax checkpoint)", file_bytes, "import",
+    add(run_step("import", "import to an orbax checkpoint (the bf16 weights kept as bf16)", file_bytes, "import",
                  src=str(src), out=str(ckpt), dims=dataclasses.asdict(dims)))
+    add(run_step("load", "restore that checkpoint as fp32 params (a training run's start)", dims.params * 4, "load",
+                 ckpt=str(ckpt)))
     for dtype, short, copy_bytes in (("bfloat16", "bf16", file_bytes), ("float32", "fp32", 2 * file_bytes)):
         copies, out = run_dir / f"copy_{short}", run_dir / f"export_{short}"
         copies.mkdir()
@@ -394,8 +413,9 @@ def _section_intro(run: Run) -> list[str]:
         f"{run.baseline_runs} runs; the conversions run once. Peak RSS is the process's own high-water mark "
         "(VmHWM); the floor is the same process's footprint once its libraries are loaded, before it converts. "
         "The source is warm in the page cache for both read and import (so the read baseline is as fast as it "
-        "gets), and dirty pages are flushed before every step. GB are 10^9 bytes; params are the fp32 params "
-        "import holds and export restores.",
+        "gets), and dirty pages are flushed before every step. GB are 10^9 bytes; params are the model's "
+        "fp32 params (what training holds): the import keeps the source's bf16 in its checkpoint, load widens it "
+        "to fp32, export reads it one parameter at a time.",
     ]
 
 
@@ -432,19 +452,18 @@ def _ratios_table(run: Run) -> list[str]:
         f"{verdict(time_ratio <= IMPORT_TIME_GOAL)} |",
         f"| import time / copy bf16 time (the source's bytes read and written) | "
         f"{s['import'].seconds / s['copy bf16'].seconds:.2f}x | — | — |",
-        f"| import time / copy fp32 time (as many bytes written as the import's fp32 params) | "
-        f"{s['import'].seconds / s['copy fp32'].seconds:.2f}x | — | — |",
+        f"| load time / copy fp32 time (the fp32 params' bytes) | "
+        f"{s['load'].seconds / s['copy fp32'].seconds:.2f}x | — | — |",
     ]
     for short in ("bf16", "fp32"):
         ratio = s[f"export {short}"].seconds / s[f"copy {short}"].seconds
         lines.append(f"| export {short} time / copy {short} time (same bytes written) | {ratio:.2f}x | — | — |")
-    for name in ("import", "export bf16", "export fp32"):
+    for name in ("import", "load", "export bf16", "export fp32"):
         raw = s[name].peak_rss / run.params_bytes
         net = (s[name].peak_rss - s[name].extra["floor"]) / run.params_bytes
-        lines.append(
-            f"| {name} peak RSS / fp32 params bytes (minus the floor: {net:.2f}x) | {raw:.2f}x | "
-            f"≤ {PEAK_RSS_GOAL:g}x | {verdict(raw <= PEAK_RSS_GOAL)} |"
-        )
+        # The goal is the conversions'; load is orbax's restore, shown for what a run's start costs.
+        goal = ("—", "—") if name == "load" else (f"≤ {PEAK_RSS_GOAL:g}x", verdict(raw <= PEAK_RSS_GOAL))
+        lines.append(f"| {name} peak RSS / fp32 params bytes (minus the floor: {net:.2f}x) | {raw:.2f}x | {' | '.join(goal)} |")
     return lines
 
 

@@ -113,6 +113,6 @@ def test_generate_matches_transformers_tokens():
 def test_convert_reports_every_step():
     out = run_bench("convert.py", "--layers", "1", "--baseline-runs", "1")
     steps = {r["Step"]: r for r in table(out, "Step")}
-    assert set(steps) == {"read", "import", "copy bf16", "export bf16", "copy fp32", "export fp32"}
+    assert set(steps) == {"read", "import", "load", "copy bf16", "export bf16", "copy fp32", "export fp32"}
     assert all(float(r["Seconds"]) > 0 for r in steps.values())
     assert_every_goal_has_a_verdict(out)

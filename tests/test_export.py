@@ -15,7 +15,8 @@ import torch
 from eu_jax.convert.checkpoint import load_params, read_model_meta, write_model_meta
 from eu_jax.convert.cli import main as eu_convert
 from eu_jax.convert.export import export_checkpoint
-from eu_jax.convert.hf_import import import_checkpoint
+from eu_jax.convert.hf_import import import_checkpoint, storage_dtype
+from eu_jax.models.config import RuntimeOptions
 from tests.tiny_models import save_hf_model
 
 
@@ -96,3 +97,51 @@ def test_bf16_source_round_trips_bit_exact_through_fp32_params(tmp_path):
     assert set(original) == set(exported)
     for name, tensor in original.items():
         assert exported[name].dtype == torch.bfloat16 and torch.equal(exported[name], tensor), name
+
+
+def _stored_dtypes(ckpt) -> set[str]:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(ckpt / "params").item_metadata.tree
+    return {str(leaf.dtype) for leaf in jax.tree.leaves(tree)}
+
+
+def test_bf16_source_is_stored_in_bf16_and_loads_as_the_exact_fp32_values(tmp_path):
+    """The import writes the bf16 weights as they are (half the bytes of fp32); load_params widens them."""
+    model = save_hf_model("qwen2", tmp_path / "fp32").to(torch.bfloat16)  # qwen2: q/k/v biases too
+    model.save_pretrained(tmp_path / "hf")
+    import_checkpoint(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    assert _stored_dtypes(tmp_path / "ckpt") == {"bfloat16"}
+    assert read_model_meta(tmp_path / "ckpt").param_dtype == "float32"
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "out", dtype="float32", progress=False)
+    exported = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
+    for name, tensor in safetensors.torch.load_file(tmp_path / "hf" / "model.safetensors").items():
+        assert exported[name].dtype == torch.float32 and torch.equal(exported[name], tensor.float()), name
+    params, _ = load_params(tmp_path / "ckpt")
+    torch_embed = model.get_input_embeddings().weight.detach().float().numpy()
+    assert params["embed"].dtype == np.float32
+    np.testing.assert_array_equal(params["embed"], torch_embed)
+    narrow, _ = load_params(tmp_path / "ckpt", dtype="bfloat16")
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(narrow)} == {"bfloat16"}
+
+
+def test_fp32_source_is_stored_in_the_params_dtype(imported, tmp_path):
+    root, _ = imported
+    assert _stored_dtypes(root / "ckpt") == {"float32"}
+    import_checkpoint(root / "hf", tmp_path / "bf16", RuntimeOptions(param_dtype="bfloat16"), progress=False)
+    assert _stored_dtypes(tmp_path / "bf16") == {"bfloat16"}
+
+
+@pytest.mark.parametrize(
+    "sources, params, stored",
+    [
+        (["bfloat16"] * 2, "float32", "bfloat16"),  # widening is exact: kept
+        (["float16"], "float32", "float16"),
+        (["float32"], "float32", "float32"),
+        (["float32"], "bfloat16", "bfloat16"),  # narrower params: the params dtype, as in memory
+        (["float16"], "bfloat16", "bfloat16"),  # fp16 -> bf16 is not exact either way round
+        (["bfloat16", "float16"], "float32", "float32"),  # mixed layers: what holds both
+        (["int8"], "float32", "float32"),  # not a float: never the storage dtype
+    ],
+)
+def test_storage_dtype(sources, params, stored):
+    assert storage_dtype([np.dtype(d) for d in sources], np.dtype(params)) == np.dtype(stored)

@@ -8,6 +8,10 @@ Layout of a params checkpoint directory:
 A training run keeps the same two side files at the root of its checkpoint directory and one
 orbax step folder per save, whose `state` item holds {"params": ..., "opt_state": ..., ...};
 `load_params` accepts either, so export works on both.
+
+An array may be stored narrower than the params dtype: an import keeps bf16 or fp16 weights as they came
+(widening them is exact, so storing fp32 would only double the bytes written and read), and `load_params`
+widens them to the params dtype as it restores.
 """
 
 from __future__ import annotations
@@ -130,8 +134,9 @@ def _restore(orbax_dir: Path, in_train_state: bool, item: Any, restore_args: Any
     return restored[PARAMS_ITEM] if in_train_state else restored
 
 
-def load_params(ckpt: Path, shardings: Params | None = None) -> tuple[Params, ModelMeta]:
-    """Restore params from a params checkpoint or a train-state checkpoint.
+def load_params(ckpt: Path, shardings: Params | None = None, dtype: str | None = None) -> tuple[Params, ModelMeta]:
+    """Restore params from a params checkpoint or a train-state checkpoint, as `dtype` (default: the
+    checkpoint's params dtype, whatever narrower dtype an array is stored in).
 
     With `shardings` each array is restored straight into its sharding; without, as host numpy
     arrays. Only the params are read from a train state.
@@ -139,17 +144,19 @@ def load_params(ckpt: Path, shardings: Params | None = None) -> tuple[Params, Mo
     orbax_dir, in_train_state, meta_dir = locate_params(ckpt)
     meta = read_model_meta(meta_dir)
     target = abstract_params(meta.config)
+    dtype = np.dtype(dtype or meta.param_dtype)
     if shardings is None:
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), target)
     else:
-        restore_args = jax.tree.map(lambda _, s: ocp.ArrayRestoreArgs(sharding=s), target, shardings)
+        restore_args = jax.tree.map(lambda _, s: ocp.ArrayRestoreArgs(sharding=s, dtype=dtype), target, shardings)
     item = jax.tree.map(lambda x: np.zeros((), x.dtype), target)
     return _restore(orbax_dir, in_train_state, item, restore_args), meta
 
 
 class ParamReader:
-    """Reads one parameter at a time as a host array, keeping only the latest one in memory:
-    what a streaming export needs (peak memory: the largest stacked parameter, not the model)."""
+    """Reads one parameter at a time as a host array in the dtype it is stored in, keeping only the
+    latest one in memory: what a streaming export needs (peak memory: the largest stacked parameter,
+    not the model)."""
 
     def __init__(self, ckpt: Path):
         self.orbax_dir, self.in_train_state, meta_dir = locate_params(ckpt)

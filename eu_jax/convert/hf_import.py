@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -91,6 +92,15 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64)
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
+def storage_dtype(source_dtypes: list[np.dtype], param_dtype: np.dtype) -> np.dtype:
+    """The narrowest dtype that holds a parameter's source tensors exactly, if the params dtype can widen
+    it exactly too (bf16 or fp16 weights under fp32 params), else the params dtype."""
+    source = jnp.result_type(*source_dtypes)
+    if jnp.issubdtype(source, jnp.floating) and jnp.promote_types(source, param_dtype) == param_dtype:
+        return np.dtype(source)
+    return np.dtype(param_dtype)
+
+
 def import_params(
     weights: WeightReader,
     config: ModelConfig,
@@ -98,8 +108,13 @@ def import_params(
     mesh: Mesh | None = None,
     rules: Mapping[str, MeshAxes] = DEFAULT_RULES,
     progress: bool = False,
+    keep_source_dtype: bool = False,
 ) -> Params:
-    """Read every parameter from `weights` into arrays sharded over `mesh` (default: one device)."""
+    """Read every parameter from `weights` into arrays sharded over `mesh` (default: one device).
+
+    `keep_source_dtype`: each parameter in its `storage_dtype` instead of the params dtype, for a checkpoint
+    (`load_params` widens it): a bf16 model's import then writes half the bytes, ~4x faster (bench/convert.py).
+    """
     abstract = abstract_params(config, options)
     check_weight_names_and_shapes(weights, config, abstract)
     mesh = mesh or single_device_mesh()
@@ -108,10 +123,12 @@ def import_params(
     bar = tqdm(total=len(expected_hf_names(config)), desc="import", unit="tensor", disable=not progress)
     for rule in rules_for(config):
         target = get_path(abstract, rule.path)
-        host = _aligned_empty(target.shape, target.dtype)
+        names = _rule_names(rule, config)
+        dtype = storage_dtype([weights.dtype(name) for name in names], target.dtype) if keep_source_dtype else target.dtype
+        host = _aligned_empty(target.shape, dtype)
         our_shape = target.shape[1:] if rule.per_layer else target.shape
         hf_shape = rule.hf_shape(our_shape)
-        for i, name in enumerate(_rule_names(rule, config)):
+        for i, name in enumerate(names):
             rule.layout.to_ours_into(weights.read(name).reshape(hf_shape), host[i] if rule.per_layer else host)
             bar.update()
         sharding = get_path(shardings, rule.path)
@@ -175,7 +192,7 @@ def import_checkpoint(
             opener = lambda: open_hf_weights(src, allow_pickle=allow_pickle)  # noqa: E731
         config = from_hf_config(hf_config)
         with opener() as weights:
-            params = import_params(weights, config, options, mesh, progress=progress)
+            params = import_params(weights, config, options, mesh, progress=progress, keep_source_dtype=True)
         meta = ModelMeta(config=config, hf_config=hf_config, param_dtype=options.param_dtype)
         return save_params_checkpoint(out, params, meta, side)
 

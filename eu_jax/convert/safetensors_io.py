@@ -95,6 +95,10 @@ class WeightReader(abc.ABC):
     def shape(self, name: str) -> tuple[int, ...]: ...
 
     @abc.abstractmethod
+    def dtype(self, name: str) -> np.dtype:
+        """The dtype `read` returns for this tensor."""
+
+    @abc.abstractmethod
     def read(self, name: str) -> np.ndarray: ...
 
     @abc.abstractmethod

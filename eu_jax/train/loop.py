@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -183,8 +183,9 @@ def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.De
             f"{micro_rows} rows each, which the {data_parallel} data-parallel devices (mesh data x fsdp) do not divide"
         )
     checkpoint = Path(config.model.checkpoint)
-    meta = load_model_meta(checkpoint)
     options = RuntimeOptions(**config.runtime)
+    # The run's checkpoints hold params in the run's dtype, whatever the source checkpoint's.
+    meta = replace(load_model_meta(checkpoint), param_dtype=options.param_dtype)
     objective = objective_from_config(config.objective)
     needs = objective.requirements()
     tokenizer = use_chat_template(_tokenizer_for(config.model.checkpoint), config.data.chat_template)
@@ -205,12 +206,13 @@ def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.De
     )
     state = checkpoints.restore_latest(abstract, shardings)
     if state is None:
-        params, _ = load_params(checkpoint, p_shardings)
-        params = jax.tree.map(lambda p: p.astype(options.param_dtype), params)
+        params, _ = load_params(checkpoint, p_shardings, options.param_dtype)
         state = jax.jit(lambda p: new_train_state(optimizer, p, config.train.seed), out_shardings=shardings)(params)
     reference_params = None
     if needs.needs_reference:
-        reference_params, _ = load_params(Path(config.model.reference_checkpoint or checkpoint), p_shardings)
+        reference_params, _ = load_params(
+            Path(config.model.reference_checkpoint or checkpoint), p_shardings, options.param_dtype
+        )
 
     step = make_train_step(
         meta.config,
