@@ -230,3 +230,13 @@ def test_keep_best_early_stopping_keep_n_tensorboard_and_export(tiny, tmp_path):
 
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     np.testing.assert_array_equal(reloaded.model.norm.weight.detach().numpy(), snapshots[2])
+
+
+def test_a_bf16_params_run_saves_bf16_params_and_says_so(tiny, tmp_path):
+    """The source checkpoint loads as the run's params dtype, and the run's meta records that dtype."""
+    config = tiny_config(tiny, tmp_path / "run", train={"steps": 1, "save_every": 1}, runtime={"param_dtype": "bfloat16"})
+    train(config)
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert read_model_meta(ckpt).param_dtype == "bfloat16"
+    params, _ = load_params(ckpt)
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(params)} == {"bfloat16"}
