@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import gguf
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from eu_jax import assets
 from eu_jax.assets import fetch_smollm2
 from eu_jax.convert.gguf import gguf_hf_config, open_gguf_weights, save_gguf_tokenizer
+from eu_jax.convert.hf_import import import_params
+from eu_jax.models.config import from_hf_config
 
 SAMPLE = "Exclusive unlearning keeps what you choose and forgets the rest, doesn't it? 42 ünïcödé"
 
@@ -39,21 +42,27 @@ def _transformers_state_dict(path: Path, config=None) -> tuple[dict[str, np.ndar
     return {name: t.numpy() for name, t in model.state_dict().items()}, model.config.tie_word_embeddings
 
 
-def _assert_same_as_transformers(path: Path, config=None) -> None:
+def _float32(name: str, ndim: int) -> type:
+    return np.float32
+
+
+def _assert_same_as_transformers(path: Path, config=None, stored_dtype=_float32) -> None:
+    """`stored_dtype(hf_name, ndim)`: the dtype a tensor was written in unquantised (F32, F16, BF16), which it
+    is read in; quantised tensors read as float32."""
     reference, tied = _transformers_state_dict(path, config)
     with open_gguf_weights(path) as weights:
         _assert_reads_are_fresh(weights)
         expected = set(reference) - ({"lm_head.weight"} if tied else set())
         assert set(weights.names()) == expected
         assert weights.names() == sorted(weights.names())
-        assert weights.nbytes == sum(reference[name].nbytes for name in expected)
-        for name in weights.names():
-            array = weights.read(name)
+        read = {name: weights.read(name) for name in weights.names()}
+        assert weights.nbytes == sum(array.nbytes for array in read.values())
+        for name, array in read.items():
             assert name in weights and weights.file_of(name) == path
-            assert array.dtype == weights.dtype(name) == np.float32
+            assert array.dtype == weights.dtype(name) == stored_dtype(name, array.ndim), name
             assert array.shape == weights.shape(name) == reference[name].shape, name
             # Exact: transformers dequantises with the same gguf.quants code, then un-permutes q/k rows.
-            np.testing.assert_array_equal(array, reference[name], err_msg=name)
+            np.testing.assert_array_equal(array.astype(np.float32), reference[name], err_msg=name)
 
 
 def _assert_reads_are_fresh(weights) -> None:
@@ -128,7 +137,10 @@ def _write_gguf(path: Path, architecture: str, tensors: dict[str, np.ndarray], *
     writer.add_float32(f"{architecture}.attention.layer_norm_rms_epsilon", 1e-6)
     writer.add_float32(f"{architecture}.rope.freq_base", 10000.0)
     for name, array in tensors.items():
-        writer.add_tensor(name, array)
+        if array.dtype == ml_dtypes.bfloat16:  # the writer takes BF16 as raw bytes
+            writer.add_tensor(name, array.view(np.uint8), raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -137,7 +149,8 @@ def _write_gguf(path: Path, architecture: str, tensors: dict[str, np.ndarray], *
 
 
 def _tiny_model(path: Path, architecture: str, head_dim: int, bias: bool, qk_norm: bool, tied: bool) -> Path:
-    """Random tensors in llama.cpp's names and layout; 2-D ones in F16 (a further dequantisation path)."""
+    """Random tensors in llama.cpp's names and layout: vectors in F32, the MLP's matrices in BF16, the other
+    matrices in F16 (see `_tiny_dtype`)."""
     hidden, heads, kv_heads, ffn, vocab, layers = 64, 4, 2, 96, 128, 2
     rng = np.random.default_rng(0)
     shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
@@ -157,14 +170,20 @@ def _tiny_model(path: Path, architecture: str, head_dim: int, bias: bool, qk_nor
             block |= {"attn_q_norm.weight": (head_dim,), "attn_k_norm.weight": (head_dim,)}
         shapes |= {f"blk.{i}.{name}": shape for name, shape in block.items()}
     tensors = {
-        name: rng.standard_normal(shape).astype(np.float16 if len(shape) == 2 else np.float32)
-        for name, shape in shapes.items()
+        name: rng.standard_normal(shape).astype(_tiny_dtype(name, len(shape))) for name, shape in shapes.items()
     }
     return _write_gguf(
         path, architecture, tensors, block_count=layers, context_length=128, embedding_length=hidden,
         feed_forward_length=ffn, vocab_size=vocab, **{"attention.head_count": heads,
                                                       "attention.head_count_kv": kv_heads},
     )
+
+
+def _tiny_dtype(name: str, ndim: int) -> type:
+    """By GGUF or Hugging Face name: the MLP's names hold "ffn" and "mlp" respectively."""
+    if ndim == 1:
+        return np.float32
+    return ml_dtypes.bfloat16 if "ffn" in name or "mlp" in name else np.float16
 
 
 @pytest.mark.parametrize(
@@ -177,7 +196,19 @@ def _tiny_model(path: Path, architecture: str, head_dim: int, bias: bool, qk_nor
 )
 def test_tiny_architectures_match_transformers(tmp_path, architecture, head_dim, bias, qk_norm, tied):
     path = _tiny_model(tmp_path / "tiny.gguf", architecture, head_dim, bias, qk_norm, tied)
-    _assert_same_as_transformers(path)
+    _assert_same_as_transformers(path, stored_dtype=_tiny_dtype)
+
+
+def test_import_keeps_unquantised_half_precision(tmp_path):
+    """The import stores F16 and BF16 tensors as they are (load_params widens them; tests/test_export.py)."""
+    path = _tiny_model(tmp_path / "tiny.gguf", "qwen2", 16, True, False, True)
+    config = from_hf_config(gguf_hf_config(path).to_dict())
+    with open_gguf_weights(path) as weights:
+        params = import_params(weights, config, keep_source_dtype=True)
+    assert params["layers"]["mlp"]["up_proj"].dtype == ml_dtypes.bfloat16
+    assert params["embed"].dtype == np.float16 and params["final_norm"]["scale"].dtype == np.float32
+    reference, _ = _transformers_state_dict(path)
+    np.testing.assert_array_equal(np.asarray(params["embed"], np.float32), reference["model.embed_tokens.weight"])
 
 
 # ----------------------------------------------------------------------------------------- errors

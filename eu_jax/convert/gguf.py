@@ -1,7 +1,9 @@
-"""GGUF checkpoints (llama.cpp) read as Hugging Face-named float32 tensors in Hugging Face layout.
+"""GGUF checkpoints (llama.cpp) read as Hugging Face-named tensors in Hugging Face layout.
 
 The converter consumes (HF name, array) pairs; this module gives a GGUF file the same reader interface as
 `safetensors_io.HFWeights`, dequantising one tensor at a time so peak memory stays near one tensor.
+Quantised tensors come out as float32; F32, F16 and BF16 ones in their own dtype, which the import keeps
+when the params dtype holds it exactly (as it does for safetensors).
 Config and tokenizer come from transformers' own GGUF support, which is also the reference for the weights.
 """
 
@@ -11,8 +13,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import ml_dtypes
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
@@ -44,6 +47,12 @@ _BLOCK_NAMES = {
 # GGUF architecture -> whether llama.cpp permuted q/k rows for its rotary layout. As in transformers'
 # TENSOR_PROCESSORS, only "llama" is permuted (llama.cpp also writes Mistral models as "llama").
 _ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
+# Unquantised float types: read as they are stored. Every other type dequantises to float32.
+_FLOAT_TYPES = {
+    GGMLQuantizationType.F32: np.dtype(np.float32),
+    GGMLQuantizationType.F16: np.dtype(np.float16),
+    GGMLQuantizationType.BF16: np.dtype(ml_dtypes.bfloat16),
+}
 # Tensors llama.cpp precomputes from the config (Llama 3 rope scaling); transformers recomputes them.
 _DERIVED = {"rope_freqs.weight"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -84,8 +93,7 @@ class GGUFWeights(WeightReader):
         return tuple(int(d) for d in reversed(self._tensor(name).shape))
 
     def dtype(self, name: str) -> np.dtype:
-        self._tensor(name)
-        return np.dtype(np.float32)
+        return _FLOAT_TYPES.get(self._tensor(name).tensor_type, np.dtype(np.float32))
 
     def file_of(self, name: str) -> Path:
         self._tensor(name)
@@ -93,14 +101,17 @@ class GGUFWeights(WeightReader):
 
     @property
     def nbytes(self) -> int:
-        """Total float32 bytes of all tensors once dequantised."""
-        return sum(4 * int(t.n_elements) for t in self._tensors.values())
+        """Total bytes of all tensors as `read` returns them (quantised ones dequantised to float32)."""
+        return sum(self.dtype(name).itemsize * int(t.n_elements) for name, t in self._tensors.items())
 
     def read(self, name: str) -> np.ndarray:
-        """A fresh float32 array in Hugging Face layout; only this tensor is dequantised."""
+        """A fresh array of `dtype(name)` in Hugging Face layout; only this tensor is dequantised."""
         tensor = self._tensor(name)
         try:
-            array = dequantize(tensor.data, tensor.tensor_type)
+            if tensor.tensor_type in _FLOAT_TYPES:  # the reader gives BF16 as raw bytes
+                array = tensor.data.view(self.dtype(name)).reshape(self.shape(name))
+            else:
+                array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         except NotImplementedError:
             raise WeightFormatError(
                 f"{self.path} has tensor {tensor.name!r} of GGUF type {tensor.tensor_type.name}, "
@@ -108,8 +119,7 @@ class GGUFWeights(WeightReader):
             ) from None
         if name in self._rotary_heads:
             array = _unpermute_rows(array, self._rotary_heads[name])
-        array = np.asarray(array, dtype=np.float32)
-        # F32 tensors come back as views of the read-only memory map.
+        # Unquantised tensors come back as views of the read-only memory map.
         return array.copy() if np.may_share_memory(array, self._reader.data) else array
 
     def close(self) -> None:
