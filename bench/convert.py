@@ -99,6 +99,11 @@ class LlamaDims:
     def params(self) -> int:
         return sum(math.prod(shape) for _, shape in self.hf_tensor_shapes())
 
+    @property
+    def fp32_bytes(self) -> int:
+        """The fp32 params a model trains in: what load restores, and the yardstick of the peak-RSS goal."""
+        return self.params * 4
+
 
 def write_hf_config(dims: LlamaDims, out: Path) -> None:
     """config.json as transformers writes it for Llama-3.2-1B (tied embeddings, llama3 rope scaling).
@@ -344,11 +349,6 @@ class Run:
     seconds: float
     baseline_runs: int
 
-    @property
-    def params_bytes(self) -> int:
-        """The fp32 params a model trains in: the yardstick of the peak-RSS goal."""
-        return self.dims.params * 4
-
 
 def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_runs: int) -> Run:
     """All steps in order, each baseline right before the conversion it is compared with."""
@@ -365,7 +365,7 @@ def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_run
     add(run_step("read", "read the safetensors bytes into one buffer", file_bytes, "read", baseline_runs, files=files))
     add(run_step("import", "import to an orbax checkpoint (the bf16 weights kept as bf16)", file_bytes, "import",
                  src=str(src), out=str(ckpt), dims=dataclasses.asdict(dims)))
-    add(run_step("load", "restore that checkpoint as fp32 params (a training run's start)", dims.params * 4, "load",
+    add(run_step("load", "restore that checkpoint as fp32 params (a training run's start)", dims.fp32_bytes, "load",
                  ckpt=str(ckpt)))
     for dtype, short, copy_bytes in (("bfloat16", "bf16", file_bytes), ("float32", "fp32", 2 * file_bytes)):
         copies, out = run_dir / f"copy_{short}", run_dir / f"export_{short}"
@@ -402,7 +402,7 @@ def _section_intro(run: Run) -> list[str]:
         "",
         f"Random Llama-3.2-1B-shaped checkpoint{scale}: {dims.params / 1e9:.2f} B parameters, "
         f"{run.file_bytes / GB:.2f} GB of bf16 safetensors in {run.files} file(s) "
-        f"(shards of at most {run.shard_bytes / GB:g} GB); fp32 params {run.params_bytes / GB:.2f} GB "
+        f"(shards of at most {run.shard_bytes / GB:g} GB); fp32 params {run.dims.fp32_bytes / GB:.2f} GB "
         f"(orbax checkpoint {run.ckpt_bytes / GB:.2f} GB on disk).",
         f"Measured {date} on {machine_description()}; Python {sys.version.split()[0]}, "
         + ", ".join(f"{name} {version}" for name, version in versions.items())
@@ -430,8 +430,8 @@ def _steps_table(run: Run) -> list[str]:
         lines.append(
             f"| {step.name} | {step.work} | {step.bytes / GB:.2f} | {_maybe(startup, '.1f')} | "
             f"{step.seconds:.2f} | {step.gb_per_s:.2f} | {step.peak_rss / GB:.2f} | "
-            f"{_maybe(None if floor is None else floor / GB)} | {step.peak_rss / run.params_bytes:.2f} | "
-            f"{_maybe(None if floor is None else (step.peak_rss - floor) / run.params_bytes)} | "
+            f"{_maybe(None if floor is None else floor / GB)} | {step.peak_rss / run.dims.fp32_bytes:.2f} | "
+            f"{_maybe(None if floor is None else (step.peak_rss - floor) / run.dims.fp32_bytes)} | "
             f"{step.peak_rss / run.file_bytes:.2f} |"
         )
     return lines
@@ -459,8 +459,8 @@ def _ratios_table(run: Run) -> list[str]:
         ratio = s[f"export {short}"].seconds / s[f"copy {short}"].seconds
         lines.append(f"| export {short} time / copy {short} time (same bytes written) | {ratio:.2f}x | — | — |")
     for name in ("import", "load", "export bf16", "export fp32"):
-        raw = s[name].peak_rss / run.params_bytes
-        net = (s[name].peak_rss - s[name].extra["floor"]) / run.params_bytes
+        raw = s[name].peak_rss / run.dims.fp32_bytes
+        net = (s[name].peak_rss - s[name].extra["floor"]) / run.dims.fp32_bytes
         # The goal is the conversions'; load is orbax's restore, shown for what a run's start costs.
         goal = ("—", "—") if name == "load" else (f"≤ {PEAK_RSS_GOAL:g}x", verdict(raw <= PEAK_RSS_GOAL))
         lines.append(f"| {name} peak RSS / fp32 params bytes (minus the floor: {net:.2f}x) | {raw:.2f}x | {' | '.join(goal)} |")

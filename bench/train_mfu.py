@@ -38,7 +38,7 @@ from harness import benchmark_parser, log, run_child_process, serve_child, timed
 from report import publish
 from train_step import Shape, eu_step_flops, torch_losses
 
-from eu_jax.models.config import REMAT_POLICIES
+from eu_jax.models.config import REMAT_POLICIES, RuntimeOptions
 from eu_jax.train.flops import peak_flops_of_kind
 
 SECTION_TITLE = "## Train step MFU on an accelerator (bench/train_mfu.py)"
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rows", type=int, default=4, help="rows per half (retain and forget)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side, best kept")
-    parser.add_argument("--remat", default="dots", choices=REMAT_POLICIES, help="eu_jax's rematerialisation")
+    parser.add_argument("--remat", default=RuntimeOptions().remat, choices=REMAT_POLICIES, help="eu_jax's rematerialisation")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile side")
     parser.add_argument("--allow-cpu", action="store_true", help="run eu_jax on CPU (a smoke test of this script)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

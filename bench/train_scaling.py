@@ -31,12 +31,11 @@ from harness import benchmark_parser, log, machine_description, meminfo_bytes, t
 from report import BENCHMARKS, publish  # noqa: E402
 from train_step import SMOLLM2, JaxRunner, Shape, write_model  # noqa: E402
 
-from eu_jax.models.config import RuntimeOptions  # noqa: E402
+from eu_jax.models.config import REMAT_POLICIES, RuntimeOptions  # noqa: E402
 
 SECTION_TITLE = "## Train step scaling (bench/train_scaling.py)"
 PLOT = BENCHMARKS.parent / "bench" / "plots" / "train_scaling.png"
 GB = 10**9
-REMATS = ("none", "dots", "full")  # from most kept to least
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +68,8 @@ class Point:
 
 def variants(layers: int, max_seq: int) -> list[Variant]:
     seqs = [s for s in (128, 256, 512, 1024, 2048) if s <= max_seq]
-    out = [Variant("sequence", Shape(layers, s, 1), remat) for remat in REMATS for s in seqs]
-    out += [Variant("batch", Shape(layers, 256, rows), remat) for remat in REMATS[:2] for rows in (1, 2, 4, 8)]
+    out = [Variant("sequence", Shape(layers, s, 1), remat) for remat in REMAT_POLICIES for s in seqs]
+    out += [Variant("batch", Shape(layers, 256, rows), remat) for remat in REMAT_POLICIES[:2] for rows in (1, 2, 4, 8)]
     rows_tokens = 4 * 256
     out += [Variant("log-probs", Shape(layers, 256, 4), chunk_tokens=c) for c in (128, rows_tokens)]
     out += [Variant("attention", Shape(layers, s, 1), "full", attention_block=0) for s in seqs if s >= 512]
@@ -97,7 +96,7 @@ def plot(points: list[Point], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     curves = {
-        **{f"remat {remat}": lambda v, remat=remat: v.sweep == "sequence" and v.remat == remat for remat in REMATS},
+        **{f"remat {remat}": lambda v, remat=remat: v.sweep == "sequence" and v.remat == remat for remat in REMAT_POLICIES},
         "remat full, attention as one product": lambda v: v.sweep == "attention",
     }
     for label, belongs in curves.items():

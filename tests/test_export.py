@@ -84,11 +84,17 @@ def test_verify_passes_for_a_faithful_import_and_fails_for_a_damaged_one(importe
     assert "FAILED" in capsys.readouterr().err
 
 
+def _import_bf16_release(root, family: str):
+    """A tiny `family` model saved in bf16 to root/hf, imported to root/ckpt with fp32 params; the torch model."""
+    model = save_hf_model(family, root / "fp32").to(torch.bfloat16)
+    model.save_pretrained(root / "hf")
+    import_checkpoint(root / "hf", root / "ckpt", progress=False)
+    return model
+
+
 def test_bf16_source_round_trips_bit_exact_through_fp32_params(tmp_path):
     """A bf16 release imported into fp32 params and exported to bf16 gives back the same bits."""
-    model = save_hf_model("llama", tmp_path / "fp32").to(torch.bfloat16)
-    model.save_pretrained(tmp_path / "hf")
-    import_checkpoint(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    _import_bf16_release(tmp_path, "llama")
     params, _ = load_params(tmp_path / "ckpt")
     assert params["embed"].dtype == np.float32
     export_checkpoint(tmp_path / "ckpt", tmp_path / "out", dtype="bfloat16", progress=False)
@@ -107,9 +113,7 @@ def _stored_dtypes(ckpt) -> set[str]:
 
 def test_bf16_source_is_stored_in_bf16_and_loads_as_the_exact_fp32_values(tmp_path):
     """The import writes the bf16 weights as they are (half the bytes of fp32); load_params widens them."""
-    model = save_hf_model("qwen2", tmp_path / "fp32").to(torch.bfloat16)  # qwen2: q/k/v biases too
-    model.save_pretrained(tmp_path / "hf")
-    import_checkpoint(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    model = _import_bf16_release(tmp_path, "qwen2")  # qwen2: q/k/v biases too
     assert _stored_dtypes(tmp_path / "ckpt") == {"bfloat16"}
     assert read_model_meta(tmp_path / "ckpt").param_dtype == "float32"
     export_checkpoint(tmp_path / "ckpt", tmp_path / "out", dtype="float32", progress=False)

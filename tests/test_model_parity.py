@@ -15,7 +15,7 @@ from eu_jax.convert.checkpoint import load_params
 from eu_jax.convert.export import export_checkpoint, hf_tensors
 from eu_jax.convert.hf_import import import_checkpoint
 from eu_jax.generate import greedy_generate
-from eu_jax.models.config import RuntimeOptions
+from eu_jax.models.config import REMAT_POLICIES, RuntimeOptions
 from eu_jax.models.llama import KVCache
 from eu_jax.models.state import build_decoder
 from eu_jax.tree_paths import get_path
@@ -127,7 +127,7 @@ def test_block_causal_attention_matches_transformers(family):
     np.testing.assert_allclose(np.asarray(grads["embed"]), torch_grads[embed_name], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("remat", REMAT_POLICIES)
 def test_every_gradient_matches_transformers_under_each_remat_policy(qwen3, remat):
     """Rematerialisation changes what the backward pass keeps, never its result: every parameter's gradient,
     mapped to its Hugging Face tensor by the export's key map, against transformers' autograd."""
@@ -152,7 +152,7 @@ def test_each_remat_policy_keeps_less_for_the_backward_pass(qwen3):
 
         return jax.jit(jax.grad(loss)).lower(qwen3.params).compile().memory_analysis().temp_size_in_bytes
 
-    kept = {remat: temporaries(remat) for remat in ("none", "dots", "full")}
+    kept = {remat: temporaries(remat) for remat in REMAT_POLICIES}
     assert kept["full"] < kept["dots"] < kept["none"], kept
 
 

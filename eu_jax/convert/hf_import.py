@@ -113,7 +113,7 @@ def import_params(
     """Read every parameter from `weights` into arrays sharded over `mesh` (default: one device).
 
     `keep_source_dtype`: each parameter in its `storage_dtype` instead of the params dtype, for a checkpoint
-    (`load_params` widens it): a bf16 model's import then writes half the bytes, ~2x faster (bench/convert.py).
+    (`load_params` widens it): a bf16 model's import then writes half the bytes (bench/convert.py times it).
     """
     abstract = abstract_params(config, options)
     check_weight_names_and_shapes(weights, config, abstract)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "dots", "full")  # from most kept for the backward pass to least
 
 
 class UnsupportedModelError(ValueError):
