@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import jax
@@ -16,6 +17,7 @@ from eu_jax.convert.export import export_checkpoint, hf_tensors
 from eu_jax.convert.hf_import import import_checkpoint
 from eu_jax.generate import greedy_generate
 from eu_jax.models.config import REMAT_POLICIES, RuntimeOptions
+from eu_jax.models import llama
 from eu_jax.models.llama import KVCache
 from eu_jax.models.state import build_decoder
 from eu_jax.tree_paths import get_path
@@ -197,22 +199,38 @@ def test_greedy_decoding_matches_transformers_generate(family):
         assert len(tokens) == 20 or tokens[-1] == 2
 
 
-def test_one_token_cached_steps_match_transformers_logits(family):
+@pytest.mark.parametrize("spare_slots", [0, 20], ids=["full_cache", "cache_read_in_prefixes"])
+def test_one_token_cached_steps_match_transformers_logits(family, spare_slots, monkeypatch):
     """Prefill left-padded prompts, then feed the rest of the rows one token per step through the KV cache
     (the decoding path: one query per row); every step's logits against transformers' forward of the whole
-    padded sequence. Sequences of 12 run past Mistral's window of 5."""
+    padded sequence. Sequences of 12 run past Mistral's window of 5.
+
+    With spare slots the cache is read in prefixes of 4 slots (`cache_prefixes`), so the steps cross prefix
+    boundaries; the spare slots hold NaN values, which any read of a slot past the prefix in use would carry
+    into the logits (a masked slot's zero probability times NaN is NaN)."""
+    monkeypatch.setattr(llama, "cache_prefixes", functools.partial(llama.cache_prefixes, multiple=1))
     ids, mask, prompt = INPUT_IDS[:2], ATTENTION_MASK[:2], 5  # row 1 holds 4 padding tokens on the left
     decoder = build_decoder(family.config, family.params)
-    cache = KVCache.init(family.config, 2, ids.shape[1])
+    seq = ids.shape[1]
+    cache = KVCache.init(family.config, 2, seq + spare_slots)
+    cache = cache.replace(v=tuple(v.at[:, :, seq:].set(jnp.nan) for v in cache.v))
     out = decoder(jnp.asarray(ids[:, :prompt]), jnp.asarray(mask[:, :prompt]), cache=cache)
     steps = [out.logits[:, -1]]
-    for t in range(prompt, ids.shape[1]):
+    for t in range(prompt, seq):
         out = decoder(jnp.asarray(ids[:, t : t + 1]), jnp.asarray(mask[:, t : t + 1]), cache=out.cache)
         steps.append(out.logits[:, 0])
     with torch.no_grad():
         theirs = family.hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
     ours = np.stack([np.asarray(s) for s in steps], axis=1)  # logits at positions prompt-1 .. 11
     np.testing.assert_allclose(ours, theirs[:, prompt - 1 :], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "slots, prefixes",
+    [(12, (12,)), (168, (32, 64, 96, 128, 160, 168)), (552, (80, 160, 240, 320, 400, 480, 552)), (4096, tuple(range(512, 4097, 512)))],
+)
+def test_cache_prefixes_cover_the_cache_in_at_most_eight_aligned_steps(slots, prefixes):
+    assert llama.cache_prefixes(slots) == prefixes
 
 
 @pytest.mark.parametrize("attention_block", [256, 4], ids=["one_block", "blocks_of_4"])

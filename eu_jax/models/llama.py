@@ -148,6 +148,8 @@ class Attention(nnx.Module):
         k, v = k.astype(self.dtype), v.astype(self.dtype)
         if k_cache is None and 0 < self.block < q.shape[1]:
             out = _block_causal_attention(q, k, v, mask, self.scale, self.block)
+        elif k_cache is not None:
+            out = _cached_attention(q, k, v, mask, self.scale, used_slots=index + q.shape[1])
         else:
             out = _grouped_attention(q, k, v, mask, self.scale)
         y = dense(out, self.o_proj[...].astype(self.dtype), contract=2)
@@ -167,6 +169,30 @@ def _grouped_attention(q, k, v, mask, scale):
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, n, h)
+
+
+def cache_prefixes(slots: int, most: int = 8, multiple: int = 16) -> tuple[int, ...]:
+    """The static cache lengths a decoding step may read: up to `most`, evenly spaced, the last all `slots`."""
+    stride = -(-slots // most)
+    stride = -(-stride // multiple) * multiple
+    return tuple(range(stride, slots, stride)) + (slots,)
+
+
+def _cached_attention(q, k, v, mask, scale, used_slots):
+    """`_grouped_attention` against the cache's first `used_slots` slots, rounded up to a `cache_prefixes` length.
+
+    All rows fill the cache's slots in lockstep from slot 0, so the slots past `used_slots` hold no key yet
+    and are masked; the cache is allocated for the prompt plus every new token, so reading it whole spent
+    about half of a generation's attention passes (and most of the prefill's scores) on them. Each prefix
+    length is a branch of one `lax.switch`, so every branch reads a static slice of the cache in place."""
+    prefixes = cache_prefixes(k.shape[2])
+
+    def attend_prefix(length, q, k, v, mask):
+        return _grouped_attention(q, k[:, :, :length], v[:, :, :length], mask[..., :length], scale)
+
+    branches = [lambda *args, length=length: attend_prefix(length, *args) for length in prefixes]
+    branch = jnp.searchsorted(jnp.asarray(prefixes), used_slots)  # the first prefix holding them all
+    return jax.lax.switch(branch, branches, q, k, v, mask)
 
 
 def _one_query_attention(q, k, v, mask, scale):
