@@ -3,6 +3,7 @@ greedy continuations with known cut points, one device vs eight, and the `eu-gen
 
 from __future__ import annotations
 
+import functools
 import io
 import shutil
 import sys
@@ -18,6 +19,7 @@ import eu_jax.generate_cli as cli
 from eu_jax.convert.checkpoint import HF_FILES_DIR, load_params
 from eu_jax.convert.hf_import import import_checkpoint
 from eu_jax.generate import SamplingConfig, bucket_length, generate
+from eu_jax.models import llama
 from eu_jax.models.state import build_decoder, params_shardings
 from eu_jax.parallel.mesh import make_mesh
 from tests.tiny_models import save_char_tokenizer, save_hf_model
@@ -52,11 +54,22 @@ def greedy(model, prompts, max_new_tokens=NEW_TOKENS, **kwargs):
     return generate(model, prompts, SamplingConfig(max_new_tokens=max_new_tokens), **kwargs)
 
 
+@pytest.fixture(params=["whole_cache", "cache_in_prefixes"])
+def cache_reads(request, monkeypatch):
+    """Decoding steps read the whole cache (these tests' caches are short), or one of 16 prefixes of it (3
+    slots apart here), as long caches are read (`llama.cache_prefixes`); the sampler is traced again."""
+    if request.param == "cache_in_prefixes":
+        monkeypatch.setattr(llama, "cache_prefixes", functools.partial(llama.cache_prefixes, most=16, multiple=1, min_slots=1))
+    jax.clear_caches()
+    yield request.param
+    jax.clear_caches()
+
+
 # ----------------------------------------------------------------------------------------- greedy
 
 
 @pytest.mark.parametrize("backend", ["cpu", "tpu"])
-def test_greedy_matches_transformers_generate_on_left_padded_batch(tiny, backend, monkeypatch):
+def test_greedy_matches_transformers_generate_on_left_padded_batch(tiny, backend, cache_reads, monkeypatch):
     """On CPU the layers' weights are sliced once before the decoding loop; elsewhere inside each step."""
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     jax.clear_caches()  # trace the sampler again under this backend's choice
@@ -206,7 +219,7 @@ def test_eos_and_stop_sequences_end_rows_independently(tiny):
 # ----------------------------------------------------------------------------------------- sharded
 
 
-def test_eight_device_mesh_gives_the_single_device_tokens(tiny):
+def test_eight_device_mesh_gives_the_single_device_tokens(tiny, cache_reads):
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     params, _ = load_params(tiny.ckpt, params_shardings(tiny.config, mesh))
     assert len(params["layers"]["mlp"]["up_proj"].sharding.device_set) == 8

@@ -208,7 +208,7 @@ def test_one_token_cached_steps_match_transformers_logits(family, spare_slots, m
     With spare slots the cache is read in prefixes of 4 slots (`cache_prefixes`), so the steps cross prefix
     boundaries; the spare slots hold NaN values, which any read of a slot past the prefix in use would carry
     into the logits (a masked slot's zero probability times NaN is NaN)."""
-    monkeypatch.setattr(llama, "cache_prefixes", functools.partial(llama.cache_prefixes, multiple=1))
+    monkeypatch.setattr(llama, "cache_prefixes", functools.partial(llama.cache_prefixes, multiple=1, min_slots=1))
     ids, mask, prompt = INPUT_IDS[:2], ATTENTION_MASK[:2], 5  # row 1 holds 4 padding tokens on the left
     decoder = build_decoder(family.config, family.params)
     seq = ids.shape[1]
@@ -227,9 +227,10 @@ def test_one_token_cached_steps_match_transformers_logits(family, spare_slots, m
 
 @pytest.mark.parametrize(
     "slots, prefixes",
-    [(12, (12,)), (168, (32, 64, 96, 128, 160, 168)), (552, (80, 160, 240, 320, 400, 480, 552)), (4096, tuple(range(512, 4097, 512)))],
+    [(12, (12,)), (255, (255,)), (256, tuple(range(32, 257, 32))), (552, (80, 160, 240, 320, 400, 480, 552)),
+     (4096, tuple(range(512, 4097, 512)))],
 )
-def test_cache_prefixes_cover_the_cache_in_at_most_eight_aligned_steps(slots, prefixes):
+def test_cache_prefixes_cover_long_caches_in_at_most_eight_aligned_steps(slots, prefixes):
     assert llama.cache_prefixes(slots) == prefixes
 
 
