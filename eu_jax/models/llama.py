@@ -12,6 +12,7 @@ Layout choices:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -175,8 +176,8 @@ def cache_prefixes(slots: int, most: int = 8, multiple: int = 16, min_slots: int
     """The static cache lengths a decoding step may read: up to `most`, evenly spaced, the last all `slots`.
 
     A cache shorter than `min_slots` is read whole: XLA copies each prefix slice before its products, and
-    with a short cache the reads saved do not pay for those copies and the branches' compilation (at 168
-    slots the same tokens/s, 4 s more compilation; at 552, 10% faster; bench/generate.py's setting)."""
+    with a short cache the reads saved do not pay for those copies and the branches' compilation (the A/B
+    runs are in BENCHMARKS.md's generation findings)."""
     if slots < min_slots:
         return (slots,)
     stride = -(-slots // most)
@@ -196,7 +197,7 @@ def _cached_attention(q, k, v, mask, scale, used_slots):
     def attend_prefix(length, q, k, v, mask):
         return _grouped_attention(q, k[:, :, :length], v[:, :, :length], mask[..., :length], scale)
 
-    branches = [lambda *args, length=length: attend_prefix(length, *args) for length in prefixes]
+    branches = [functools.partial(attend_prefix, length) for length in prefixes]
     branch = jnp.searchsorted(jnp.asarray(prefixes), used_slots)  # the first prefix holding them all
     return jax.lax.switch(branch, branches, q, k, v, mask)
 
