@@ -33,3 +33,18 @@ def test_copy_and_flat_layouts_only_reshape_and_cast():
     COPY.to_ours_into(table, copied)
     np.testing.assert_array_equal(copied, table)
     np.testing.assert_array_equal(COPY.to_hf(copied, (4, 3), np.dtype(np.float32)), table)
+
+
+@pytest.mark.parametrize("layout", [LINEAR, COPY])
+def test_same_dtype_layouts_move_bf16_bits_unchanged(layout):
+    """An import keeping bf16 moves raw bits: NaN payloads, -0 and subnormals come through as they were."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**16, size=(300, 6), dtype=np.uint16)
+    bits[0, :3] = [0x7FC1, 0x8000, 0x0001]  # a NaN with a payload, -0, the smallest subnormal
+    hf = bits.view(ml_dtypes.bfloat16)
+    expected = bits.T if layout is LINEAR else bits
+    ours = np.empty(expected.shape, ml_dtypes.bfloat16)
+    layout.to_ours_into(hf, ours)
+    np.testing.assert_array_equal(ours.view(np.uint16), expected)
+    back = layout.to_hf(ours, hf.shape, np.dtype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(back.view(np.uint16), bits)
