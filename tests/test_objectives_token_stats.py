@@ -103,13 +103,14 @@ def _full_stats(fns, hidden, kernel, targets, ref_hidden, ref_kernel):
     return {name: fn(logits, ref_logits, flat_targets).reshape(targets.shape) for name, fn in fns.items()}
 
 
-@pytest.mark.parametrize("chunk_tokens", [5, 8, 1000])
-def test_chunked_equals_unchunked(chunk_tokens):
+@pytest.mark.parametrize("chunk_tokens, stat_rows", [(5, 0), (8, 0), (1000, 0), (5, 4), (1000, 5)])
+def test_chunked_equals_unchunked(chunk_tokens, stat_rows):
     # Chunk mechanics (padding, strided order, reference alignment) with one policy-and-target statistic
-    # and one reference statistic; every statistic goes through chunks in the gradient test below.
+    # and one reference statistic; every statistic goes through chunks in the gradient test below. With
+    # row blocks the chunk grows to a multiple of them (5 -> 8: three full chunks; 24 -> 25: one padded).
     hidden, kernel, targets, ref_hidden, ref_kernel = _inputs()
     fns = {"logp": ts.target_logprob, "kl": ts.kl_from_reference}
-    chunked = functools.partial(chunked_token_stats, fns, chunk_tokens=chunk_tokens)
+    chunked = functools.partial(chunked_token_stats, fns, chunk_tokens=chunk_tokens, stat_rows=stat_rows)
     got = jax.jit(chunked)(hidden, kernel, targets, ref_hidden, ref_kernel)
     want = _full_stats(fns, hidden, kernel, targets, ref_hidden, ref_kernel)
     assert got.keys() == want.keys()
@@ -122,14 +123,16 @@ def _weighted_loss(stats, weights):
     return sum(jnp.sum(weights[i] * stats[name]) for i, name in enumerate(sorted(stats)))
 
 
-def test_values_and_gradients_through_chunks_equal_full_logits():
-    """All statistics at once through 5-token chunks (24 tokens: the last chunk padded); the
-    reference inputs get exactly zero gradient."""
+@pytest.mark.parametrize("stat_rows", [0, 3])
+def test_values_and_gradients_through_chunks_equal_full_logits(stat_rows):
+    """All statistics at once through 5-token chunks (24 tokens: the last chunk padded), or 6-token chunks
+    in blocks of 3 rows; the reference inputs get exactly zero gradient."""
     hidden, kernel, targets, ref_hidden, ref_kernel = _inputs(seed=2)
     weights = np.random.default_rng(3).normal(size=(len(FNS), B, T)).astype(np.float32)
 
     def chunked(h, k, rh, rk):
-        return _weighted_loss(chunked_token_stats(FNS, h, k, targets, rh, rk, chunk_tokens=5), weights)
+        stats = chunked_token_stats(FNS, h, k, targets, rh, rk, chunk_tokens=5, stat_rows=stat_rows)
+        return _weighted_loss(stats, weights)
 
     def full(h, k):
         return _weighted_loss(_full_stats(FNS, h, k, targets, ref_hidden, ref_kernel), weights)
@@ -231,5 +234,7 @@ def test_bad_arguments_are_refused():
         chunked_token_stats(fns, hidden, kernel, targets, ref_hidden[:, :-1], ref_kernel)
     with pytest.raises(ValueError, match="chunk_tokens must be positive"):
         chunked_token_stats(fns, hidden, kernel, targets, chunk_tokens=0)
+    with pytest.raises(ValueError, match="stat_rows must be 0"):
+        chunked_token_stats(fns, hidden, kernel, targets, stat_rows=-1)
     with pytest.raises(ValueError, match="needs the reference model's logits"):
         chunked_token_stats({"kl": ts.kl_from_reference}, hidden, kernel, targets)

@@ -23,7 +23,7 @@ from eu_jax.eval.model import EvalModel
 from eu_jax.generate import bucket_length
 from eu_jax.models.config import ModelConfig
 from eu_jax.models.state import build_decoder
-from eu_jax.objectives.token_stats import chunked_token_stats, entropy, kl_to_uniform, target_logprob
+from eu_jax.objectives.token_stats import chunked_token_stats, entropy, forward_stat_rows, kl_to_uniform, target_logprob
 from eu_jax.parallel.sharding import BATCH_AXES, activation_sharding, batch_sharding, to_global, to_host
 
 STATISTICS = ("nll", "kl_uniform", "entropy")
@@ -64,7 +64,9 @@ def _row_sums(config: ModelConfig, chunk_tokens: int):
     def row_sums(params, ids, attention, loss_mask):
         model = build_decoder(config, params)
         out = model(ids, attention, return_logits=False)
-        stats = chunked_token_stats(fns, out.hidden[:, :-1], model.unembed_kernel(), ids[:, 1:], chunk_tokens=chunk_tokens)
+        stats = chunked_token_stats(
+            fns, out.hidden[:, :-1], model.unembed_kernel(), ids[:, 1:], chunk_tokens=chunk_tokens, stat_rows=forward_stat_rows()
+        )
         mask = (loss_mask[:, 1:] * attention[:, 1:]).astype(jnp.float32)
         return jnp.stack([(-stats["logp"] * mask).sum(1), (stats["kl"] * mask).sum(1), (stats["entropy"] * mask).sum(1), mask.sum(1)])
 

@@ -88,6 +88,20 @@ def _chunk_logits(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
     return jnp.einsum("cd,dv->cv", hidden, kernel, preferred_element_type=jnp.float32)
 
 
+CPU_STAT_ROWS = 32
+
+
+def forward_stat_rows() -> int:
+    """`chunked_token_stats`' `stat_rows` for forward-only statistics (scoring): row blocks on CPU only.
+
+    XLA:CPU's fused exp-and-sum over rows as long as a vocabulary runs several times slower over a whole
+    [1024, V] chunk of logits than over blocks of a few dozen rows (V = 49,152 and up; profiled in
+    BENCHMARKS.md's findings): scoring 16 rows of 256 SmolLM2 tokens took 9.2 s with whole chunks and
+    6.4 s with blocks of 32. A train step's gradient gained nothing, and on accelerators a loop over blocks
+    would only serialise work, so both keep whole chunks."""
+    return CPU_STAT_ROWS if jax.default_backend() == "cpu" else 0
+
+
 def chunked_token_stats(
     token_fns: Mapping[str, TokenFn],
     hidden: jax.Array,
@@ -96,6 +110,7 @@ def chunked_token_stats(
     ref_hidden: jax.Array | None = None,
     ref_kernel: jax.Array | None = None,
     chunk_tokens: int = 1024,
+    stat_rows: int = 0,
 ) -> dict[str, jax.Array]:
     """Every `token_fns` statistic for every token: {name: [B,T] fp32}.
 
@@ -106,12 +121,16 @@ def chunked_token_stats(
     k, k+n, k+2n, ...: with the batch sharded, each device computes its own 1/devices of every chunk
     and no logits or hidden states are gathered, provided chunk_tokens (counted over all devices) is a
     multiple of the data-parallel device count (when it does not divide B*T, the padding costs a
-    re-layout of the [B*T,D] hidden states, nothing of size V).
+    re-layout of the [B*T,D] hidden states, nothing of size V). With `stat_rows` > 0 the statistics of each
+    chunk's logits are computed that many tokens at a time, the chunk rounded up to a multiple of it
+    (`forward_stat_rows` says when that pays).
     """
     if (ref_hidden is None) != (ref_kernel is None):
         raise ValueError("chunked_token_stats: pass ref_hidden and ref_kernel together, or neither")
     if chunk_tokens < 1:
         raise ValueError(f"chunked_token_stats: chunk_tokens must be positive, got {chunk_tokens}")
+    if stat_rows < 0:
+        raise ValueError(f"chunked_token_stats: stat_rows must be 0 (whole chunks) or positive, got {stat_rows}")
     b, t, d = hidden.shape
     if targets.shape != (b, t) or kernel.shape[0] != d:
         raise ValueError(
@@ -130,6 +149,8 @@ def chunked_token_stats(
 
     n_tokens = b * t
     chunk = min(chunk_tokens, n_tokens)
+    if stat_rows:
+        chunk = -(-chunk // stat_rows) * stat_rows
     n_chunks = -(-n_tokens // chunk)
 
     def to_chunks(x: jax.Array) -> jax.Array:  # [B,T,...] -> [n_chunks, chunk, ...]
@@ -140,12 +161,19 @@ def chunked_token_stats(
     def from_chunks(x: jax.Array) -> jax.Array:  # [n_chunks, chunk] -> [B,T]
         return jnp.swapaxes(x, 0, 1).reshape(-1)[:n_tokens].reshape(b, t)
 
+    def statistics(xs):
+        logits, ref_logits, tgt = xs
+        return {name: fn(logits, ref_logits, tgt).astype(jnp.float32) for name, fn in token_fns.items()}
+
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one_chunk(xs):
         h, tgt, ref_h = xs
         logits = _chunk_logits(h, kernel)
         ref_logits = None if ref_h is None else _chunk_logits(ref_h, ref_kernel)
-        return {name: fn(logits, ref_logits, tgt).astype(jnp.float32) for name, fn in token_fns.items()}
+        if not stat_rows:
+            return statistics((logits, ref_logits, tgt))
+        blocks = jax.tree.map(lambda x: x.reshape(-1, stat_rows, *x.shape[1:]), (logits, ref_logits, tgt))
+        return jax.tree.map(lambda x: x.reshape(-1), jax.lax.map(statistics, blocks))
 
     ref_chunks = None if ref_hidden is None else to_chunks(ref_hidden)
     stats = jax.lax.map(one_chunk, (to_chunks(hidden), to_chunks(targets), ref_chunks))

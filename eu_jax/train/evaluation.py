@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 
 from eu_jax.models.config import ModelConfig, RuntimeOptions
 from eu_jax.models.state import Params, build_decoder
-from eu_jax.objectives.token_stats import chunked_token_stats, target_logprob
+from eu_jax.objectives.token_stats import chunked_token_stats, forward_stat_rows, target_logprob
 
 
 def _pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
@@ -38,7 +38,8 @@ def make_nll_eval(
         model = build_decoder(config, params, options)
         out = model(ids, attention, return_logits=False)
         logp = chunked_token_stats(
-            {"logp": target_logprob}, out.hidden[:, :-1], model.unembed_kernel(), ids[:, 1:], chunk_tokens=chunk_tokens
+            {"logp": target_logprob}, out.hidden[:, :-1], model.unembed_kernel(), ids[:, 1:],
+            chunk_tokens=chunk_tokens, stat_rows=forward_stat_rows(),
         )["logp"]
         mask = (loss_mask[:, 1:] * attention[:, 1:]).astype(jnp.float32)
         return -(logp * mask).sum(), mask.sum()
