@@ -207,13 +207,16 @@ def test_bf16_activations_give_fp32_statistics():
         np.testing.assert_allclose(np.asarray(got[name]), want[name], rtol=1e-3, atol=1e-3)
 
 
-def test_batch_sharded_inputs_stay_sharded_chunk_by_chunk():
-    """Chunks hold strided tokens, so with the batch split over 8 devices each device computes its own
-    1/8 of every chunk: no all-gather of hidden states or logits, and the same values."""
+@pytest.mark.parametrize("stat_rows", [0, 8])
+def test_batch_sharded_inputs_stay_sharded_chunk_by_chunk(stat_rows):
+    """Chunks (and row blocks within them) hold strided tokens, so with the batch split over 8 devices each
+    device computes its own 1/8 of every chunk: no all-gather of hidden states or logits, and the same values."""
     hidden, kernel, targets, ref_hidden, ref_kernel = _inputs(seed=6, b=8, t=6)
     rows = NamedSharding(make_mesh({"data": -1}), PartitionSpec("data"))
     fns = {"target_logprob": ts.target_logprob, "kl_from_reference": ts.kl_from_reference}
-    run = jax.jit(lambda h, t, rh: chunked_token_stats(fns, h, kernel, t, rh, ref_kernel, chunk_tokens=16))
+    run = jax.jit(
+        lambda h, t, rh: chunked_token_stats(fns, h, kernel, t, rh, ref_kernel, chunk_tokens=16, stat_rows=stat_rows)
+    )
     args = [jax.device_put(x, rows) for x in (hidden, targets, ref_hidden)]
     compiled = run.lower(*args).compile().as_text()
     assert "all-gather" not in compiled and f"f32[2,{V}]" in compiled  # 16 tokens / 8 devices per chunk

@@ -122,7 +122,8 @@ def chunked_token_stats(
     and no logits or hidden states are gathered, provided chunk_tokens (counted over all devices) is a
     multiple of the data-parallel device count (when it does not divide B*T, the padding costs a
     re-layout of the [B*T,D] hidden states, nothing of size V). With `stat_rows` > 0 the statistics of each
-    chunk's logits are computed that many tokens at a time, the chunk rounded up to a multiple of it
+    chunk's logits are computed that many tokens at a time, again strided (so sharded rows stay where they
+    are when `stat_rows` is a multiple of the device count), the chunk rounded up to a multiple of it
     (`forward_stat_rows` says when that pays).
     """
     if (ref_hidden is None) != (ref_kernel is None):
@@ -172,8 +173,15 @@ def chunked_token_stats(
         ref_logits = None if ref_h is None else _chunk_logits(ref_h, ref_kernel)
         if not stat_rows:
             return statistics((logits, ref_logits, tgt))
-        blocks = jax.tree.map(lambda x: x.reshape(-1, stat_rows, *x.shape[1:]), (logits, ref_logits, tgt))
-        return jax.tree.map(lambda x: x.reshape(-1), jax.lax.map(statistics, blocks))
+        # Block j holds rows j, j + n, j + 2n, ... (strided, as the chunks are): with the rows sharded, every
+        # device keeps its share of each block, and each row is read where it lies.
+        strided = jax.tree.map(lambda x: x.reshape(stat_rows, -1, *x.shape[1:]), (logits, ref_logits, tgt))
+
+        def block(j):
+            return statistics(jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, j, 1, keepdims=False), strided))
+
+        stats = jax.lax.map(block, jnp.arange(chunk // stat_rows))  # {name: [n, stat_rows]}
+        return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1), stats)
 
     ref_chunks = None if ref_hidden is None else to_chunks(ref_hidden)
     stats = jax.lax.map(one_chunk, (to_chunks(hidden), to_chunks(targets), ref_chunks))
