@@ -97,7 +97,7 @@ def forward_stat_rows() -> int:
     XLA:CPU's fused exp-and-sum over rows as long as a vocabulary runs several times slower over a whole
     [1024, V] chunk of logits than over blocks of a few dozen rows (V = 49,152 and up; profiled in
     BENCHMARKS.md's findings): scoring 16 rows of 256 SmolLM2 tokens took 9.2 s with whole chunks and
-    6.4 s with blocks of 32. A train step's gradient gained nothing, and on accelerators a loop over blocks
+    6.6 s with blocks of 32. A train step's gradient gained nothing, and on accelerators a loop over blocks
     would only serialise work, so both keep whole chunks."""
     return CPU_STAT_ROWS if jax.default_backend() == "cpu" else 0
 
