@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from harness import benchmark_parser, current_rss_bytes, fastest_torch_threads, log, machine_description, run_child_process, serve_child, timed, verdict  # noqa: E402
+from harness import ROOT, benchmark_parser, current_rss_bytes, fastest_torch_threads, log, machine_description, run_child_process, serve_child, timed, verdict  # noqa: E402
 from report import publish  # noqa: E402
 
 SECTION_TITLE = "## Train step (bench/train_step.py)"
@@ -123,6 +123,14 @@ def jax_step(params: dict[str, Any], config: Any, objective_name: str, chunk_tok
     step = make_train_step(config, options, objective, optimizer, learning_rate_schedule(opt, 1000), 1, chunk_tokens)
     state = jax.jit(lambda p: new_train_state(optimizer, p, 0), donate_argnums=0)(params)
     return jax.jit(step, donate_argnums=0), state, reference
+
+
+def cpu_preset_chunk_tokens() -> int:
+    """The log-prob chunk `eu-train` uses on the cpu hardware preset (configs/hardware/cpu.py)."""
+    from eu_jax.files import load_python_file
+
+    experiment = load_python_file(ROOT / "configs" / "experiment.py")
+    return int(experiment.get_config("hardware=cpu").objective.chunk_tokens)
 
 
 class JaxRunner:
@@ -274,7 +282,7 @@ def child_side(side: str, objective: str, hf_dir: str, ckpt: str, shape: dict[st
     shp = Shape(**shape)
     start = time.perf_counter()
     if side == "eu_jax":
-        runner = JaxRunner.from_checkpoint(Path(ckpt), objective, shp)
+        runner = JaxRunner.from_checkpoint(Path(ckpt), objective, shp, chunk_tokens=cpu_preset_chunk_tokens())
     else:
         runner = TorchRunner(Path(hf_dir), objective, shp, compiled=side == "torch.compile")
     floor = current_rss_bytes()
@@ -359,7 +367,7 @@ def render_section(r: Results) -> str:
         "process slow each other: torch's and XLA's thread pools compete). The PyTorch reference runs transformers' "
         "`LlamaForCausalLM` (eager attention) on both halves at once, full-vocabulary log-softmax, `clip_grad_norm_` "
         "and `torch.optim.AdamW`; eu_jax runs `make_train_step` as `eu-train` does (both halves in one forward, "
-        f"log-probs in chunks of 1024 tokens, remat `{RuntimeOptions().remat}`: each layer keeps its matmul outputs "
+        f"log-probs in chunks of {cpu_preset_chunk_tokens()} tokens (the cpu preset's), remat `{RuntimeOptions().remat}`: each layer keeps its matmul outputs "
         "for the backward pass and recomputes the rest). FLOP/s = analytic matmul FLOPs of the step (`eu_jax.train.flops`, "
         f"{r.flops / 1e12:.2f} TFLOP) / seconds. torch uses 1 thread or all cores, whichever a short probe found "
         "faster. Peak RSS is the process's high-water mark (VmHWM); the floor is its RSS once the model, optimizer "

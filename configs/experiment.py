@@ -11,7 +11,7 @@ ml_collections passes the text after ':' to `get_config`. Parts left out take th
   i.e. what the 1e-5 that TOFU/NPO use for 7B models becomes at this size;
 - method: the objective terms, their weights and every kwarg, and the learning rate as a multiple of
   the model's reference where the method's paper differs from 1e-5 at 7B (RMU: 5x);
-- hardware: mesh, compute dtype and checkpointing.
+- hardware: mesh, compute dtype, checkpointing and the loss's log-prob chunk (`objective.chunk_tokens`).
 
 Anything can still be overridden afterwards on the command line (`--config.optimizer.learning_rate=...`).
 """
