@@ -2,7 +2,7 @@
 """Benchmark eu_jax's train step against a PyTorch step doing the same math with transformers' Llama.
 
 The Exclusive Unlearning step (retain NLL + KL-to-uniform on the forget half, global-norm clipping, AdamW)
-on the SmolLM2-135M shape (random weights, identical on both sides), fp32 on CPU, batch 4 + 4 rows of 256
+on the SmolLM2-135M shape (random weights saved in bf16, identical on both sides), fp32 on CPU, batch 4 + 4 rows of 256
 tokens. eu_jax, PyTorch eager and `torch.compile` each run in a fresh process (in one process their thread
 pools slow each other), one after the other in one run; the best of N steps is kept, and the same processes
 give peak memory, also of an NPO step (which runs the frozen reference model too). In the same run, the
@@ -72,7 +72,8 @@ def smollm2_config(layers: int):
 
 
 def write_model(shape: Shape, out: Path) -> tuple[Path, Path]:
-    """Random SmolLM2-shaped weights saved by transformers, and their eu_jax import."""
+    """Random SmolLM2-shaped weights saved by transformers in bf16, as SmolLM2 is released, and their eu_jax
+    import (which keeps them in bf16 on disk). Both sides compute with the same values widened to fp32."""
     import torch
     import transformers
 
@@ -80,7 +81,7 @@ def write_model(shape: Shape, out: Path) -> tuple[Path, Path]:
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(smollm2_config(shape.layers))
-    model.save_pretrained(out / "hf")
+    model.to(torch.bfloat16).save_pretrained(out / "hf")
     return out / "hf", import_checkpoint(out / "hf", out / "eu_jax", progress=False)
 
 
@@ -97,10 +98,13 @@ def make_batch(shape: Shape, vocab_size: int = SMOLLM2["vocab_size"], seed: int 
 # ----------------------------------------------------------------------------------------- eu_jax side
 
 
-def jax_step(params: dict[str, Any], config: Any, objective_name: str, chunk_tokens: int = 1024, **runtime: Any):
+def jax_step(
+    params: dict[str, Any], config: Any, objective_name: str, chunk_tokens: int = 1024, reference: Any = None, **runtime: Any
+):
     """eu_jax's jitted train step, its state and reference params, exactly as `eu-train` builds them.
 
-    `params` are donated to the train state; `runtime` are RuntimeOptions fields (remat, dtype, ...)."""
+    `params` are donated to the train state; `reference`: the frozen reference's device arrays, where the
+    objective needs one (default: a copy of `params`); `runtime` are RuntimeOptions fields (remat, dtype, ...)."""
     import jax
     import jax.numpy as jnp
     from ml_collections import ConfigDict
@@ -117,7 +121,10 @@ def jax_step(params: dict[str, Any], config: Any, objective_name: str, chunk_tok
                           weight_decay=WEIGHT_DECAY, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=CLIP_NORM))
     # A copy on the device, as `eu-train` loads it: host arrays would be taken in again by every step.
     needs_reference = objective.requirements().needs_reference
-    reference = jax.tree.map(lambda p: jnp.array(p, copy=True), params) if needs_reference else None
+    if not needs_reference:
+        reference = None
+    elif reference is None:
+        reference = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
     optimizer = make_optimizer(opt, 1000)
     options = RuntimeOptions(**runtime)
     step = make_train_step(config, options, objective, optimizer, learning_rate_schedule(opt, 1000), 1, chunk_tokens)
@@ -145,11 +152,15 @@ class JaxRunner:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Path, objective: str, shape: Shape, **options: Any) -> "JaxRunner":
-        """A runner on a fresh load of an eu_jax checkpoint's params (the runner's state takes them over)."""
+        """A runner on a fresh load of an eu_jax checkpoint's params (the runner's state takes them over), and
+        of its frozen reference in the dtype it is stored in, as `eu-train` loads them."""
+        import jax
+
         from eu_jax.convert.checkpoint import load_params
 
         params, meta = load_params(ckpt, None)
-        return cls(params, meta.config, objective, shape, **options)
+        reference = jax.device_put(load_params(ckpt, None, keep_stored_dtype=True)[0]) if objective == "npo" else None
+        return cls(params, meta.config, objective, shape, reference=reference, **options)
 
     def __call__(self) -> float:
         import jax
@@ -357,7 +368,7 @@ def render_section(r: Results) -> str:
         SECTION_TITLE,
         "",
         f"Exclusive Unlearning step (retain NLL + KL-to-uniform forget, global-norm clipping, AdamW) on the SmolLM2-135M "
-        f"shape ({r.shape.layers} layers, random weights, identical on both sides), fp32, batch {r.shape.rows} + "
+        f"shape ({r.shape.layers} layers, random weights saved in bf16, identical on both sides), fp32, batch {r.shape.rows} + "
         f"{r.shape.rows} rows of {r.shape.seq} tokens ({r.shape.tokens} tokens per step). Measured {date} on "
         f"{machine_description()}; jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}. "
         f"Whole benchmark: {r.seconds / 60:.1f} min.",
@@ -371,7 +382,8 @@ def render_section(r: Results) -> str:
         "for the backward pass and recomputes the rest). FLOP/s = analytic matmul FLOPs of the step (`eu_jax.train.flops`, "
         f"{r.flops / 1e12:.2f} TFLOP) / seconds. torch uses 1 thread or all cores, whichever a short probe found "
         "faster. Peak RSS is the process's high-water mark (VmHWM); the floor is its RSS once the model, optimizer "
-        "and batch are set up. The NPO step also runs the frozen reference model on the forget half. XLA's own "
+        "and batch are set up. The NPO step also runs the frozen reference model on the forget half (eu_jax holds it "
+        "in the bf16 its checkpoint stores, as `eu-train` does; PyTorch in fp32). XLA's own "
         "figures (eu_jax): arguments (params, AdamW state, batch, reference) and temporaries of the compiled step.",
         "",
         "| Side | Objective | First step s | Seconds per step | Tokens/s | GFLOP/s | Share of best matmul rate "

@@ -12,10 +12,10 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from eu_jax.convert.checkpoint import load_params, read_model_meta, write_model_meta
+from eu_jax.convert.checkpoint import load_params, read_model_meta, storage_dtype, write_model_meta
 from eu_jax.convert.cli import main as eu_convert
 from eu_jax.convert.export import export_checkpoint
-from eu_jax.convert.hf_import import import_checkpoint, storage_dtype
+from eu_jax.convert.hf_import import import_checkpoint
 from eu_jax.models.config import RuntimeOptions
 from tests.tiny_models import save_hf_model
 
@@ -125,6 +125,17 @@ def test_bf16_source_is_stored_in_bf16_and_loads_as_the_exact_fp32_values(tmp_pa
     assert params["embed"].dtype == np.float32
     np.testing.assert_array_equal(params["embed"], torch_embed)
     narrow, _ = load_params(tmp_path / "ckpt", dtype="bfloat16")
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(narrow)} == {"bfloat16"}
+    kept, _ = load_params(tmp_path / "ckpt", keep_stored_dtype=True)  # a frozen reference: as stored
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(kept)} == {"bfloat16"}
+    np.testing.assert_array_equal(np.asarray(kept["embed"], np.float32), torch_embed)
+
+
+def test_keep_stored_dtype_never_widens_beyond_the_params_dtype(imported):
+    root, _ = imported  # stored in fp32
+    kept, _ = load_params(root / "ckpt", keep_stored_dtype=True)
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(kept)} == {"float32"}
+    narrow, _ = load_params(root / "ckpt", dtype="bfloat16", keep_stored_dtype=True)
     assert {leaf.dtype.name for leaf in jax.tree.leaves(narrow)} == {"bfloat16"}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import torch
+import transformers
 
 from eu_jax.convert.checkpoint import load_params, read_model_meta, write_model_meta
+from eu_jax.convert.hf_import import import_checkpoint
+from eu_jax.train import loop
 from eu_jax.train.config import ConfigError
 from eu_jax.train.loop import TrainingDiverged, train
 from tests.tiny_run import make_tiny_run, tiny_config
@@ -240,3 +245,33 @@ def test_a_bf16_params_run_saves_bf16_params_and_says_so(tiny, tmp_path):
     assert read_model_meta(ckpt).param_dtype == "bfloat16"
     params, _ = load_params(ckpt)
     assert {leaf.dtype.name for leaf in jax.tree.leaves(params)} == {"bfloat16"}
+
+
+def test_reference_of_bf16_weights_is_held_in_bf16_and_trains_alike(tiny, tmp_path, monkeypatch):
+    """A frozen reference imported from bf16 weights stays bf16 (half the memory); the values are the same,
+    so an NPO run equals one whose checkpoint stores the same weights widened to fp32."""
+    hf_dir = tiny["ckpt"].parent / "hf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).to(torch.bfloat16)
+    checkpoints = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        shutil.copytree(hf_dir, tmp_path / f"{name}_hf")
+        model.to(dtype).save_pretrained(tmp_path / f"{name}_hf")
+        checkpoints[name] = import_checkpoint(tmp_path / f"{name}_hf", tmp_path / f"{name}_ckpt", progress=False)
+
+    held = {}
+
+    def spying_load_params(ckpt, *args, **kwargs):
+        params, meta = load_params(ckpt, *args, **kwargs)
+        if kwargs.get("keep_stored_dtype"):
+            held[ckpt] = {leaf.dtype.name for leaf in jax.tree.leaves(params)}
+        return params, meta
+
+    monkeypatch.setattr(loop, "load_params", spying_load_params)
+    common = dict(train={"steps": 2}, objective={"forget": "npo", "retain": "kl_ref"})
+    runs = {
+        name: train(tiny_config(tiny, tmp_path / name, model={"checkpoint": str(ckpt)}, **common))
+        for name, ckpt in checkpoints.items()
+    }
+    assert held == {checkpoints["bf16"]: {"bfloat16"}, checkpoints["fp32"]: {"float32"}}
+    assert runs["bf16"].last_metrics["loss"] == pytest.approx(runs["fp32"].last_metrics["loss"], rel=1e-6)
+    assert_trees_close(final_params(tmp_path / "bf16"), final_params(tmp_path / "fp32"), atol=1e-6)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -134,21 +135,48 @@ def _restore(orbax_dir: Path, in_train_state: bool, item: Any, restore_args: Any
     return restored[PARAMS_ITEM] if in_train_state else restored
 
 
-def load_params(ckpt: Path, shardings: Params | None = None, dtype: str | None = None) -> tuple[Params, ModelMeta]:
+def storage_dtype(source_dtypes: list[np.dtype], param_dtype: np.dtype) -> np.dtype:
+    """The narrowest dtype that holds a parameter's source tensors exactly, if the params dtype can widen
+    it exactly too (bf16 or fp16 weights under fp32 params), else the params dtype."""
+    source = jnp.result_type(*source_dtypes)
+    if jnp.issubdtype(source, jnp.floating) and jnp.promote_types(source, param_dtype) == param_dtype:
+        return np.dtype(source)
+    return np.dtype(param_dtype)
+
+
+def stored_dtypes(ckpt: Path) -> Params:
+    """The dtype each parameter is stored in (an import keeps bf16 sources as bf16), read from the
+    checkpoint's metadata without reading any array."""
+    orbax_dir, in_train_state, _ = locate_params(ckpt)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(orbax_dir).item_metadata.tree
+    params = tree[PARAMS_ITEM] if in_train_state else tree
+    return jax.tree.map(lambda leaf: np.dtype(leaf.dtype), params)
+
+
+def load_params(
+    ckpt: Path, shardings: Params | None = None, dtype: str | None = None, keep_stored_dtype: bool = False
+) -> tuple[Params, ModelMeta]:
     """Restore params from a params checkpoint or a train-state checkpoint, as `dtype` (default: the
     checkpoint's params dtype, whatever narrower dtype an array is stored in).
 
     With `shardings` each array is restored straight into its sharding; without, as host numpy
-    arrays. Only the params are read from a train state.
+    arrays. Only the params are read from a train state. `keep_stored_dtype`: an array stored in a
+    narrower dtype that `dtype` widens exactly (`storage_dtype`) stays in it, e.g. a frozen reference
+    model imported from bf16 weights: the same values in half the memory, widened where the model uses
+    them (every parameter is cast to the compute dtype there).
     """
     orbax_dir, in_train_state, meta_dir = locate_params(ckpt)
     meta = read_model_meta(meta_dir)
     target = abstract_params(meta.config)
     dtype = np.dtype(dtype or meta.param_dtype)
+    dtypes = jax.tree.map(lambda _: dtype, target)
+    if keep_stored_dtype:
+        dtypes = jax.tree.map(lambda stored: storage_dtype([stored], dtype), stored_dtypes(ckpt))
     if shardings is None:
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), target)
+        restore_args = jax.tree.map(lambda d: ocp.RestoreArgs(restore_type=np.ndarray, dtype=d), dtypes)
     else:
-        restore_args = jax.tree.map(lambda _, s: ocp.ArrayRestoreArgs(sharding=s, dtype=dtype), target, shardings)
+        restore_args = jax.tree.map(lambda d, s: ocp.ArrayRestoreArgs(sharding=s, dtype=d), dtypes, shardings)
     item = jax.tree.map(lambda x: np.zeros((), x.dtype), target)
     return _restore(orbax_dir, in_train_state, item, restore_args), meta
 

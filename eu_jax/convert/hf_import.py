@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from eu_jax.convert.checkpoint import ModelMeta, ensure_new_output, save_params_checkpoint
+from eu_jax.convert.checkpoint import ModelMeta, ensure_new_output, save_params_checkpoint, storage_dtype
 from eu_jax.convert.keymap import KeyRule, expected_hf_names, is_ignorable, rules_for
 from eu_jax.convert.safetensors_io import WeightReader
 from eu_jax.models.config import ModelConfig, RuntimeOptions, from_hf_config
@@ -90,15 +90,6 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64)
     raw = np.empty(nbytes + alignment, np.uint8)
     offset = -raw.ctypes.data % alignment
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
-
-
-def storage_dtype(source_dtypes: list[np.dtype], param_dtype: np.dtype) -> np.dtype:
-    """The narrowest dtype that holds a parameter's source tensors exactly, if the params dtype can widen
-    it exactly too (bf16 or fp16 weights under fp32 params), else the params dtype."""
-    source = jnp.result_type(*source_dtypes)
-    if jnp.issubdtype(source, jnp.floating) and jnp.promote_types(source, param_dtype) == param_dtype:
-        return np.dtype(source)
-    return np.dtype(param_dtype)
 
 
 def import_params(
