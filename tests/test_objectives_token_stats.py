@@ -208,14 +208,17 @@ def test_bf16_activations_give_fp32_statistics():
 
 
 @pytest.mark.parametrize("stat_rows", [0, 8])
-def test_batch_sharded_inputs_stay_sharded_chunk_by_chunk(stat_rows):
+@pytest.mark.parametrize("chunk_tokens", [16, 20])
+def test_batch_sharded_inputs_stay_sharded_chunk_by_chunk(stat_rows, chunk_tokens):
     """Chunks (and row blocks within them) hold strided tokens, so with the batch split over 8 devices each
-    device computes its own 1/8 of every chunk: no all-gather of hidden states or logits, and the same values."""
+    device computes its own 1/8 of every chunk: no all-gather of hidden states or logits, and the same values.
+    48 tokens in chunks of at most 20 go as three balanced chunks of 16 (a multiple of the rows), not 20 + 20
+    + a padded 8."""
     hidden, kernel, targets, ref_hidden, ref_kernel = _inputs(seed=6, b=8, t=6)
     rows = NamedSharding(make_mesh({"data": -1}), PartitionSpec("data"))
     fns = {"target_logprob": ts.target_logprob, "kl_from_reference": ts.kl_from_reference}
     run = jax.jit(
-        lambda h, t, rh: chunked_token_stats(fns, h, kernel, t, rh, ref_kernel, chunk_tokens=16, stat_rows=stat_rows)
+        lambda h, t, rh: chunked_token_stats(fns, h, kernel, t, rh, ref_kernel, chunk_tokens=chunk_tokens, stat_rows=stat_rows)
     )
     args = [jax.device_put(x, rows) for x in (hidden, targets, ref_hidden)]
     compiled = run.lower(*args).compile().as_text()
