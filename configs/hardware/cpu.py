@@ -1,11 +1,11 @@
 """A CPU host (tests, the SmolLM2 demo): all its devices on the fsdp axis, fp32 throughout (CPUs have
 no fast bf16 matmul), async checkpoints so a save does not stall the next steps.
 
-The loss's log-probs go 256 tokens at a time (1024 elsewhere): XLA's CPU runtime maps a step's temporaries
-afresh on every execution, so each chunk's [chunk, vocab] logits and their gradient are new pages that the
-kernel zeroes in every step. On the SmolLM2 EU step (4 + 4 rows of 256 tokens) whole 1024-token chunks
-spent ~3 s of a 10 s step in the kernel; 256-token chunks 0.8 s, for 9.1-9.3 s a step and 0.5 GB less
-peak memory (BENCHMARKS.md, train step findings)."""
+The loss's log-probs go at most 256 tokens at a time (1024 elsewhere): XLA's CPU runtime maps a step's
+temporaries afresh on every execution, so each chunk's [chunk, vocab] logits and their gradient are new
+pages that the kernel zeroes in every step. On the SmolLM2 EU step (4 + 4 rows of 256 tokens) whole
+1024-token chunks spent ~3 s of a 10 s step in the kernel; 256-token chunks 0.8 s, for 9.1-9.3 s a step
+and 0.5 GB less peak memory (BENCHMARKS.md, train step findings)."""
 
 
 def apply(config):
