@@ -144,10 +144,8 @@ def storage_dtype(source_dtypes: list[np.dtype], param_dtype: np.dtype) -> np.dt
     return np.dtype(param_dtype)
 
 
-def stored_dtypes(ckpt: Path) -> Params:
-    """The dtype each parameter is stored in (an import keeps bf16 sources as bf16), read from the
-    checkpoint's metadata without reading any array."""
-    orbax_dir, in_train_state, _ = locate_params(ckpt)
+def _stored_dtypes(orbax_dir: Path, in_train_state: bool) -> Params:
+    """The dtype each parameter is stored in (an import keeps bf16 sources as bf16), from the metadata alone."""
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.metadata(orbax_dir).item_metadata.tree
     params = tree[PARAMS_ITEM] if in_train_state else tree
@@ -163,16 +161,17 @@ def load_params(
     With `shardings` each array is restored straight into its sharding; without, as host numpy
     arrays. Only the params are read from a train state. `keep_stored_dtype`: an array stored in a
     narrower dtype that `dtype` widens exactly (`storage_dtype`) stays in it, e.g. a frozen reference
-    model imported from bf16 weights: the same values in half the memory, widened where the model uses
-    them (every parameter is cast to the compute dtype there).
+    model imported from bf16 weights: the same values, cast to the compute dtype where the model uses them
+    (half the memory under bf16 compute; under fp32 compute XLA:CPU widens the stacked layers whole).
     """
     orbax_dir, in_train_state, meta_dir = locate_params(ckpt)
     meta = read_model_meta(meta_dir)
     target = abstract_params(meta.config)
     dtype = np.dtype(dtype or meta.param_dtype)
-    dtypes = jax.tree.map(lambda _: dtype, target)
     if keep_stored_dtype:
-        dtypes = jax.tree.map(lambda stored: storage_dtype([stored], dtype), stored_dtypes(ckpt))
+        dtypes = jax.tree.map(lambda stored: storage_dtype([stored], dtype), _stored_dtypes(orbax_dir, in_train_state))
+    else:
+        dtypes = jax.tree.map(lambda _: dtype, target)
     if shardings is None:
         restore_args = jax.tree.map(lambda d: ocp.RestoreArgs(restore_type=np.ndarray, dtype=d), dtypes)
     else:

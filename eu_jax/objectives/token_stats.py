@@ -116,8 +116,8 @@ def chunked_token_stats(
 
     hidden [B,T,D] (final-norm) and kernel [D,V] give the policy's logits; ref_hidden/ref_kernel the
     frozen reference's (under stop_gradient). The B*T tokens are padded to n chunks of at most
-    min(chunk_tokens, B*T), as even as a multiple of B allows, and mapped over with the chunk body rematerialised in the backward pass, so
-    peak memory is O(chunk_tokens * V) however large the batch. Chunk k holds the strided tokens
+    min(chunk_tokens, B*T), as even as a multiple of B allows, and mapped over with the chunk body
+    rematerialised in the backward pass, so peak memory is O(chunk_tokens * V) however large the batch. Chunk k holds the strided tokens
     k, k+n, k+2n, ...: with the batch sharded, each device computes its own 1/devices of every chunk
     and no logits or hidden states are gathered, provided chunk_tokens (counted over all devices) is a
     multiple of the data-parallel device count (when it does not divide B*T, the padding costs a
@@ -152,7 +152,7 @@ def chunked_token_stats(
     chunk = min(chunk_tokens, n_tokens)
     # As many chunks, balanced: 384 tokens in chunks of 256 become two of 192, not 256 and a padded 128. A
     # multiple of the rows, so a sharded batch stays sharded; never above chunk_tokens.
-    per_chunk = -(-n_tokens // -(-n_tokens // chunk))  # n_tokens over the number of chunks, rounded up
+    per_chunk = -(-n_tokens // -(-n_tokens // chunk))  # ceil(n_tokens / ceil(n_tokens / chunk))
     chunk = min(chunk, -(-per_chunk // b) * b)
     if stat_rows:
         chunk = -(-chunk // stat_rows) * stat_rows

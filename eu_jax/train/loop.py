@@ -210,7 +210,8 @@ def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.De
         state = jax.jit(lambda p: new_train_state(optimizer, p, config.train.seed), out_shardings=shardings)(params)
     reference_params = None
     if needs.needs_reference:
-        # Frozen, so kept in the dtype it is stored in where that is exact: bf16 weights take half the memory.
+        # Frozen, so kept in the dtype it is stored in where that is exact (bf16 releases: half the memory under
+        # bf16 compute; under fp32 compute XLA:CPU widens the stacked layers whole, BENCHMARKS.md).
         reference_params, _ = load_params(
             Path(config.model.reference_checkpoint or checkpoint), p_shardings, options.param_dtype, keep_stored_dtype=True
         )
