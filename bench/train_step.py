@@ -101,7 +101,8 @@ def make_batch(shape: Shape, vocab_size: int = SMOLLM2["vocab_size"], seed: int 
 def jax_step(
     params: dict[str, Any], config: Any, objective_name: str, chunk_tokens: int = 1024, reference: Any = None, **runtime: Any
 ):
-    """eu_jax's jitted train step, its state and reference params, exactly as `eu-train` builds them.
+    """eu_jax's jitted train step, its state, reference params and jitted reference forward (None without a
+    reference), exactly as `eu-train` builds them.
 
     `params` are donated to the train state; `reference`: the frozen reference's device arrays, where the
     objective needs one (default: a copy of `params`); `runtime` are RuntimeOptions fields (remat, dtype, ...)."""
@@ -113,7 +114,7 @@ def jax_step(
     from eu_jax.objectives import Objective
     from eu_jax.train.optimizer import learning_rate_schedule, make_optimizer
     from eu_jax.train.state import new_train_state
-    from eu_jax.train.step import make_train_step
+    from eu_jax.train.step import make_reference_forward, make_train_step
 
     forget = {"eu": "uniform_kl", "npo": "npo"}[objective_name]
     objective = Objective(retain="nll", forget=forget, forget_kwargs={"beta": NPO_BETA} if forget == "npo" else {})
@@ -129,7 +130,8 @@ def jax_step(
     options = RuntimeOptions(**runtime)
     step = make_train_step(config, options, objective, optimizer, learning_rate_schedule(opt, 1000), 1, chunk_tokens)
     state = jax.jit(lambda p: new_train_state(optimizer, p, 0), donate_argnums=0)(params)
-    return jax.jit(step, donate_argnums=0), state, reference
+    reference_forward = make_reference_forward(config, options, objective) if needs_reference else None
+    return jax.jit(step, donate_argnums=0), state, reference, reference_forward and jax.jit(reference_forward)
 
 
 def cpu_preset_chunk_tokens() -> int:
@@ -146,9 +148,17 @@ class JaxRunner:
     def __init__(self, params: dict[str, Any], config: Any, objective: str, shape: Shape, **options: Any):
         import jax
 
-        self.step, self.state, self.reference = jax_step(params, config, objective, **options)
+        self.step, self.state, self.reference, self.reference_forward = jax_step(params, config, objective, **options)
         self.batch = jax.device_put(make_batch(shape, config.vocab_size))
-        self.compiled = self.step.lower(self.state, self.batch, self.reference).compile()
+        self.compiled = self.step.lower(self.state, self.step_batch(), self.reference).compile()
+
+    def step_batch(self) -> dict[str, Any]:
+        """The batch as the step takes it: with the reference's outputs, computed afresh as `eu-train` does."""
+        from eu_jax.train.step import with_reference_outputs
+
+        if self.reference_forward is None:
+            return self.batch
+        return with_reference_outputs(self.batch, self.reference_forward(self.reference, self.batch))
 
     @classmethod
     def from_checkpoint(cls, ckpt: Path, objective: str, shape: Shape, **options: Any) -> "JaxRunner":
@@ -165,7 +175,7 @@ class JaxRunner:
     def __call__(self) -> float:
         import jax
 
-        self.state, metrics = self.compiled(self.state, self.batch, self.reference)
+        self.state, metrics = self.compiled(self.state, self.step_batch(), self.reference)
         return float(jax.block_until_ready(metrics["loss"]))
 
     def memory_analysis(self) -> dict[str, int]:
@@ -383,8 +393,9 @@ def render_section(r: Results) -> str:
         f"{r.flops / 1e12:.2f} TFLOP) / seconds. torch uses 1 thread or all cores, whichever a short probe found "
         "faster. Peak RSS is the process's high-water mark (VmHWM); the floor is its RSS once the model, optimizer "
         "and batch are set up. The NPO step also runs the frozen reference model on the forget half (eu_jax holds it "
-        "in the bf16 its checkpoint stores, as `eu-train` does; PyTorch in fp32). XLA's own "
-        "figures (eu_jax): arguments (params, AdamW state, batch, reference) and temporaries of the compiled step.",
+        "in the bf16 its checkpoint stores and runs its forward as a program of its own before each step, as "
+        "`eu-train` does; PyTorch in fp32, under `no_grad`). XLA's own figures (eu_jax): arguments (params, AdamW "
+        "state, batch, and the reference's outputs and output projection) and temporaries of the compiled step.",
         "",
         "| Side | Objective | First step s | Seconds per step | Tokens/s | GFLOP/s | Share of best matmul rate "
         "| Speed-up vs eager | Loss of step 1 | Peak RSS GB | Floor GB | XLA arguments GB | XLA temporaries GB |",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,9 +20,14 @@ import transformers
 
 from eu_jax.convert.checkpoint import load_params, read_model_meta, write_model_meta
 from eu_jax.convert.hf_import import import_checkpoint
+from eu_jax.models.config import RuntimeOptions
+from eu_jax.objectives import Objective
 from eu_jax.train import loop
 from eu_jax.train.config import ConfigError
 from eu_jax.train.loop import TrainingDiverged, train
+from eu_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from eu_jax.train.state import new_train_state
+from eu_jax.train.step import make_reference_forward, make_train_step, with_reference_outputs
 from tests.tiny_run import make_tiny_run, tiny_config
 
 
@@ -57,14 +63,66 @@ def test_one_step_on_8_devices_equals_one_device(tiny, tmp_path, method):
     assert not np.allclose(final_params(tmp_path / "single")["embed"], before["embed"])  # the step did train
 
 
-def test_gradient_accumulation_matches_one_big_batch(tiny, tmp_path):
+@pytest.mark.parametrize("objective", [{"forget": "ga"}, {"forget": "npo", "retain": "kl_ref"}])
+def test_gradient_accumulation_matches_one_big_batch(tiny, tmp_path, objective):
     """Each micro-batch's loss is its own mean; with equal token counts per example (the tiny data is
-    fixed-width) the average over micro-batches is exactly the big batch's loss."""
-    base = dict(train={"steps": 2}, objective={"forget": "ga"}, optimizer={"learning_rate": 1e-3, "eps": 1e-4})
+    fixed-width) the average over micro-batches is exactly the big batch's loss. NPO and KL-retain read the
+    reference's outputs, which its own program computes one micro-batch at a time and puts back in row order."""
+    base = dict(train={"steps": 2}, objective=objective, optimizer={"learning_rate": 1e-3, "eps": 1e-4})
     whole = train(tiny_config(tiny, tmp_path / "whole", data={"batch_size": 16, "microbatches": 1}, **base))
     accumulated = train(tiny_config(tiny, tmp_path / "accumulated", data={"batch_size": 16, "microbatches": 2}, **base))
     assert accumulated.last_metrics["loss"] == pytest.approx(whole.last_metrics["loss"], abs=1e-5)
     assert_trees_close(final_params(tmp_path / "accumulated"), final_params(tmp_path / "whole"), atol=1e-5)
+
+
+def _tiny_step(tiny, tmp_path, objective: Objective):
+    """The jitted step (state donated) and reference forward on the tiny model, as `eu-train` builds them, with
+    its params, optimizer and a batch of 4 + 4 rows of 16 random tokens."""
+    params, meta = load_params(tiny["ckpt"])
+    config = tiny_config(tiny, tmp_path)
+    optimizer = make_optimizer(config.optimizer, 10)
+    options = RuntimeOptions()
+    step = make_train_step(meta.config, options, objective, optimizer, learning_rate_schedule(config.optimizer, 10))
+    ids = np.random.default_rng(0).integers(3, meta.config.vocab_size, (2, 4, 16)).astype(np.int32)
+    ones = np.ones((4, 16), np.int32)
+    batch = {half: {"input_ids": ids[i], "attention_mask": ones, "loss_mask": ones} for i, half in enumerate(("retain", "forget"))}
+    state = new_train_state(optimizer, params, 0)
+    return jax.jit(step, donate_argnums=0), state, batch, make_reference_forward(meta.config, options, objective)
+
+
+def _copied_state_leaves(hlo: str, state_leaves: int) -> list[str]:
+    """The copies of non-scalar arguments among the first `state_leaves` (the state's) in an optimised HLO's
+    entry computation."""
+    entry = hlo[hlo.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}\n")]
+    state = {m.group(1) for m in re.finditer(r"%(\S+) = \S+ parameter\((\d+)\)", entry) if int(m.group(2)) < state_leaves}
+    copies = re.finditer(r"%\S+ = (\w+\[[\d,]+\])\S* copy\(%(\S+)\)", entry)
+    return [f"{m.group(2)} {m.group(1)}" for m in copies if m.group(2) in state]
+
+
+def test_the_step_updates_the_donated_adamw_state_without_copying_it(tiny, tmp_path):
+    """The compiled step copies no array of the state it is given: a per-leaf `where(finite, new, old)` made XLA
+    copy both AdamW moments (the new params read the old moments, which the new moments overwrite in place)
+    and hold the copies through the whole step, 1.08 GB on SmolLM2."""
+    step, state, batch, _ = _tiny_step(tiny, tmp_path, Objective(retain="nll", forget="ga"))
+    hlo = step.lower(state, batch, None).compile().as_text()
+    assert _copied_state_leaves(hlo, len(jax.tree.leaves(state))) == []
+
+
+def test_a_non_finite_step_leaves_params_and_optimizer_state_as_they_were(tiny, tmp_path):
+    """KL-retain against a reference whose final norm is NaN: the step reports not finite and returns the
+    params and AdamW state it was given, bit for bit; against the true reference the same step trains."""
+    step, state, batch, reference_forward = _tiny_step(tiny, tmp_path, Objective(retain="kl_ref", forget="ga"))
+    reference = load_params(tiny["ckpt"])[0]
+    poisoned = dict(reference, final_norm={"scale": reference["final_norm"]["scale"] * np.nan})
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    for ref, finite in ((poisoned, False), (reference, True)):
+        state, metrics = step(state, with_reference_outputs(batch, reference_forward(ref, batch)), ref)
+        assert bool(metrics["finite"]) is finite
+        after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+        same = [np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)]
+        assert all(same) if not finite else not all(same)
+    assert int(state.step) == 2
 
 
 CONFIG_FILE = """

@@ -32,7 +32,7 @@ from eu_jax.train.flops import peak_flops_per_device, step_flops
 from eu_jax.train.logging import MetricsLogger
 from eu_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from eu_jax.train.state import TrainState, abstract_train_state, new_train_state, train_state_shardings
-from eu_jax.train.step import make_train_step
+from eu_jax.train.step import make_reference_forward, make_train_step, with_reference_outputs
 
 EvalFn = Callable[[Params, int], dict[str, float]]
 
@@ -165,6 +165,7 @@ class _Run:
     sets: dict
     state: TrainState
     reference_params: Params | None
+    reference_fn: Callable | None  # the reference's forward on a batch, run before each step
     step_fn: Callable
     eval_fn: EvalFn | None
     checkpoints: RunCheckpoints
@@ -211,7 +212,7 @@ def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.De
     reference_params = None
     if needs.needs_reference:
         # Frozen, so kept in the dtype it is stored in where that is exact (bf16 releases: half the memory under
-        # bf16 compute; under fp32 compute XLA:CPU widens the stacked layers whole, BENCHMARKS.md).
+        # bf16 compute; under fp32 compute it is widened inside the reference's own program, `reference_fn`).
         reference_params, _ = load_params(
             Path(config.model.reference_checkpoint or checkpoint), p_shardings, options.param_dtype, keep_stored_dtype=True
         )
@@ -231,9 +232,15 @@ def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.De
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
+    reference_forward = make_reference_forward(meta.config, options, objective, config.data.microbatches)
+    reference_fn = None
+    if reference_forward is not None:
+        reference_fn = jax.jit(reference_forward, in_shardings=(p_shardings, data_sharding), out_shardings=data_sharding)
     if eval_fn is None and config.train.eval_every:
         eval_fn = _builtin_eval(config, tokenizer, meta.config, options, data_sharding)
-    return _Run(config, mesh, meta.config, sets, state, reference_params, step_fn, eval_fn, checkpoints, data_sharding)
+    return _Run(
+        config, mesh, meta.config, sets, state, reference_params, reference_fn, step_fn, eval_fn, checkpoints, data_sharding
+    )
 
 
 class _Throughput:
@@ -304,6 +311,8 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
         with activation_sharding(run.mesh):
             while step < steps:
                 batch, tokens = make_batch(run.sets, step, config.data.seed, run.data_sharding)
+                if run.reference_fn is not None:
+                    batch = with_reference_outputs(batch, run.reference_fn(run.reference_params, batch))
                 state, metrics = run.step_fn(state, batch, run.reference_params)
                 step += 1
                 if step == start_step + 1:  # the first step compiles: leave it out of the throughput

@@ -2,8 +2,10 @@
 
 `make_train_step` returns a function of (state, batch, reference params) that `jax.jit` compiles
 once with explicit shardings and a donated state. Gradients are accumulated over micro-batches
-inside the step with `lax.scan`; an update whose loss is not finite is skipped (params keep their
-last good value) and flagged so the loop can stop with the step and term named.
+inside the step with `lax.scan`; an update whose loss is not finite is skipped (params and optimizer
+state keep their last good value) and flagged so the loop can stop with the step and term named.
+Objectives that read a frozen reference model get its outputs in the batch, from a program of its own
+that runs before the step (`make_reference_forward`, `with_reference_outputs`).
 """
 
 from __future__ import annotations
@@ -63,16 +65,49 @@ def _joint_forward(model: Decoder, batch: Batch, needs: Requirements) -> dict[st
     return outputs
 
 
+def _reference_forwards(reference: Decoder, batch: Batch, needs: Requirements) -> Batch:
+    """The frozen reference's outputs on every sequence set that the objective reads them on, keyed like the
+    batch: `ref_hidden` (final-norm hidden states, for its logits) and `ref_layer_hidden` (the residual stream
+    at the side's hidden layer), prefixed like their sequences (`preferred_`)."""
+    outputs: Batch = {}
+    for name in ("retain", "forget"):
+        side_needs: SideRequirements = getattr(needs, name)
+        sequences = [("", side_needs)] + ([("preferred_", side_needs.for_preferred())] if side_needs.preferred else [])
+        for prefix, seq_needs in sequences:
+            if not seq_needs.needs_reference:
+                continue
+            out = _forward(reference, batch[name], _layers(seq_needs), prefix)
+            side = outputs.setdefault(name, {})
+            if seq_needs.reference_logits:
+                side[prefix + "ref_hidden"] = out.hidden
+            if seq_needs.reference_hidden:
+                side[prefix + "ref_layer_hidden"] = out.hidden_states[0]
+    return outputs
+
+
+def _carried_reference(side: dict[str, jax.Array], key: str, needed: bool) -> jax.Array | None:
+    """The reference's output `key` that a batch half carries, where the objective reads it."""
+    if not needed:
+        return None
+    if key not in side:
+        raise ValueError(
+            f"the batch lacks the frozen reference's {key!r}: add the outputs of make_reference_forward's "
+            "function to the batch (with_reference_outputs) before the step"
+        )
+    return side[key]
+
+
 def _side_inputs(
     model: Decoder,
-    reference: Decoder | None,
     side: dict[str, jax.Array],
     needs: SideRequirements,
     chunk_tokens: int,
+    ref_kernel: jax.Array | None,
     prefix: str = "",
     out: DecoderOutput | None = None,
 ) -> SideInputs:
-    """Run the policy (unless its output `out` is given) and the frozen reference, when needed, on one half.
+    """The term inputs of one half: the policy's forward (unless its output `out` is given), and the
+    reference's outputs that the batch carries (`with_reference_outputs`).
 
     Position t predicts token t+1, so statistics and the mask are over targets ids[:, 1:]. Rows may
     pack several examples (`segment_ids`); attention and targets then stay inside each example.
@@ -82,10 +117,11 @@ def _side_inputs(
     segments = side.get(prefix + "segment_ids")  # packed rows: several examples per row
     layers = _layers(needs)
     out = _forward(model, side, layers, prefix) if out is None else out
-    ref_out = _forward(reference, side, layers, prefix) if needs.needs_reference else None
     preferred = None
     if needs.preferred:
-        preferred = _side_inputs(model, reference, side, needs.for_preferred(), chunk_tokens, prefix="preferred_")
+        preferred = _side_inputs(model, side, needs.for_preferred(), chunk_tokens, ref_kernel, prefix="preferred_")
+    ref_hidden = _carried_reference(side, prefix + "ref_hidden", needs.reference_logits)
+    ref_layer_hidden = _carried_reference(side, prefix + "ref_layer_hidden", needs.reference_hidden)
     mask = (side[prefix + "loss_mask"][:, 1:] * attention[:, 1:]).astype(jnp.float32)
     if segments is not None:  # never score a token from the end of the previous example
         mask = mask * (segments[:, 1:] == segments[:, :-1])
@@ -95,10 +131,10 @@ def _side_inputs(
         ids[:, 1:],
         out.hidden[:, :-1],
         model.unembed_kernel(),
-        ref_final_hidden=ref_out.hidden[:, :-1] if needs.reference_logits else None,
-        ref_kernel=reference.unembed_kernel() if needs.reference_logits else None,
+        ref_final_hidden=None if ref_hidden is None else ref_hidden[:, :-1],
+        ref_kernel=ref_kernel if needs.reference_logits else None,
         layer_hidden=out.hidden_states[0][:, 1:] if layers else None,
-        ref_layer_hidden=ref_out.hidden_states[0][:, 1:] if needs.reference_hidden else None,
+        ref_layer_hidden=None if ref_layer_hidden is None else ref_layer_hidden[:, 1:],
         preferred=preferred,
         chunk_tokens=chunk_tokens,
     )
@@ -107,17 +143,54 @@ def _side_inputs(
 def make_loss_fn(
     config: ModelConfig, options: RuntimeOptions, objective: Objective, chunk_tokens: int
 ) -> Callable[[Params, Params | None, Batch], tuple[jax.Array, dict[str, jax.Array]]]:
+    """The objective on a batch that carries the reference's outputs; of the reference params it reads only the
+    output projection (for the reference's logits)."""
     needs = objective.requirements()
 
     def loss_fn(params, reference_params, batch):
         model = build_decoder(config, params, options)
-        reference = None if reference_params is None else build_decoder(config, reference_params, options)
+        ref_kernel = None
+        if reference_params is not None and (needs.retain.reference_logits or needs.forget.reference_logits):
+            ref_kernel = build_decoder(config, reference_params, options).unembed_kernel()
         joint = _joint_forward(model, batch, needs) or {}
-        retain = _side_inputs(model, reference, batch["retain"], needs.retain, chunk_tokens, out=joint.get("retain"))
-        forget = _side_inputs(model, reference, batch["forget"], needs.forget, chunk_tokens, out=joint.get("forget"))
+        retain, forget = (
+            _side_inputs(model, batch[name], getattr(needs, name), chunk_tokens, ref_kernel, out=joint.get(name))
+            for name in ("retain", "forget")
+        )
         return objective(retain, forget)
 
     return loss_fn
+
+
+def make_reference_forward(
+    config: ModelConfig, options: RuntimeOptions, objective: Objective, microbatches: int = 1
+) -> Callable[[Params, Batch], Batch] | None:
+    """The frozen reference's forward on a step's batch, as a program of its own (None when the objective reads
+    no reference): its outputs, {half: {name: [B,T,D]}}, go into the batch (`with_reference_outputs`).
+
+    Run apart from the train step, the reference's temporaries (its weights cast to the compute dtype where
+    stored narrower, its layers' activations) are freed before the step allocates its own, so the step holds
+    only the [B,T,D] outputs and the reference's output projection. In one program XLA:CPU widened the bf16
+    reference's stacked weights while the step's saved-activation buffers were already live: the SmolLM2 NPO
+    step's temporaries were 0.44 GB above the EU step's, apart 0.12 GB (BENCHMARKS.md). With micro-batches it
+    runs one micro-batch at a time, as the step does."""
+    needs = objective.requirements()
+    if not needs.needs_reference:
+        return None
+
+    def reference_forward(reference_params: Params, batch: Batch) -> Batch:
+        reference = build_decoder(config, reference_params, options)
+        if microbatches == 1:
+            return _reference_forwards(reference, batch, needs)
+        forwards = jax.lax.map(lambda micro: _reference_forwards(reference, micro, needs), split_microbatches(batch, microbatches))
+        return merge_microbatches(forwards)
+
+    return reference_forward
+
+
+def with_reference_outputs(batch: Batch, outputs: Batch) -> Batch:
+    """The batch with the reference's outputs (from `make_reference_forward`'s function) added to its halves."""
+    return {name: {**side, **outputs.get(name, {})} for name, side in batch.items()}
 
 
 def split_microbatches(batch: Batch, count: int) -> Batch:
@@ -129,6 +202,15 @@ def split_microbatches(batch: Batch, count: int) -> Batch:
         return jnp.swapaxes(x.reshape((rows // count, count) + x.shape[1:]), 0, 1)
 
     return jax.tree.map(split, batch)
+
+
+def merge_microbatches(micro: Batch) -> Batch:
+    """The inverse of `split_microbatches`: [count, B/count, ...] -> [B, ...] in the batch's row order."""
+
+    def merge(x):
+        return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+    return jax.tree.map(merge, micro)
 
 
 def _accumulated_grads(grad_fn, params: Params, reference_params: Params | None, batch: Batch, microbatches: int):
@@ -164,14 +246,21 @@ def make_train_step(
             grads, metrics = _accumulated_grads(grad_fn, state.params, reference_params, batch, microbatches)
 
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+
+        def update(params_and_opt_state):
+            params, opt_state = params_and_opt_state
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A branch, not `where(finite, new, old)` per leaf: XLA then updated the donated AdamW moments in place
+        # only after copying both (the new params read the old moments, which the new moments overwrite), a
+        # second copy of them held through the whole step (1.08 GB on SmolLM2, BENCHMARKS.md).
+        params, opt_state = jax.lax.cond(finite, update, lambda kept: kept, (state.params, state.opt_state))
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step), finite=finite)
         new_state = TrainState(
             step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)),
         )
         return new_state, metrics
