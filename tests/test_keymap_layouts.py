@@ -48,3 +48,19 @@ def test_same_dtype_layouts_move_bf16_bits_unchanged(layout):
     np.testing.assert_array_equal(ours.view(np.uint16), expected)
     back = layout.to_hf(ours, hf.shape, np.dtype(ml_dtypes.bfloat16))
     np.testing.assert_array_equal(back.view(np.uint16), bits)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, ml_dtypes.bfloat16, np.float16, np.float32])
+@pytest.mark.parametrize("rows, cols", [(7, 1032), (130, 24), (3, 6)])
+def test_linear_layout_transposes_bits_of_every_width_like_numpy(dtype, rows, cols):
+    """Same-dtype transposes of 1, 2 and 4-byte elements (moved as 8-byte words where the columns allow,
+    several scratch chunks at 1032 columns) and of a column slice of a wider array equal numpy's `.T`."""
+    itemsize = np.dtype(dtype).itemsize
+    bits_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32}[itemsize]
+    wide = np.random.default_rng(rows).integers(0, 2 ** (8 * itemsize), size=(rows, cols + 8), dtype=bits_dtype)
+    for hf_bits in (wide[:, :cols], np.ascontiguousarray(wide[:, :cols])):
+        ours = np.empty((cols, rows), dtype)
+        LINEAR.to_ours_into(hf_bits.view(dtype), ours)
+        np.testing.assert_array_equal(ours.view(bits_dtype), hf_bits.T)
+        back = LINEAR.to_hf(ours, (rows, cols), np.dtype(dtype))
+        np.testing.assert_array_equal(back.view(bits_dtype), hf_bits)
