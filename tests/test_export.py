@@ -92,8 +92,12 @@ def _import_bf16_release(root, family: str):
     return model
 
 
-def test_bf16_source_round_trips_bit_exact_through_fp32_params(tmp_path):
-    """A bf16 release imported into fp32 params and exported to bf16 gives back the same bits."""
+@pytest.mark.parametrize("threads", [1, 5])
+def test_bf16_source_round_trips_bit_exact_through_fp32_params(tmp_path, monkeypatch, threads):
+    """A bf16 release imported into fp32 params and exported to bf16 gives back the same bits, whether one
+    thread lays out the tensors or several read, transpose and load ahead at once."""
+    monkeypatch.setattr("eu_jax.convert.hf_import.conversion_threads", lambda: threads)
+    monkeypatch.setattr("eu_jax.convert.export.conversion_threads", lambda: threads)
     _import_bf16_release(tmp_path, "llama")
     params, _ = load_params(tmp_path / "ckpt")
     assert params["embed"].dtype == np.float32

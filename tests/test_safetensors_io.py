@@ -3,6 +3,9 @@
 import json
 import re
 import struct
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -395,6 +398,71 @@ def test_writer_rejects_bad_requests(tmp_path):
         write_safetensors_shards([TensorToWrite("c", (1,), np.dtype(np.complex64), lambda: None)], tmp_path)
     with pytest.raises(WeightFormatError, match="No tensors"):
         write_safetensors_shards([], tmp_path)
+
+
+def test_writer_loads_ahead_on_threads_holding_a_bounded_number_of_tensors(tmp_path):
+    arrays = {f"t{i:02d}": np.full((16, 4), i, np.float32) for i in range(24)}
+    second_started = threading.Event()
+    lock = threading.Lock()
+    alive, most_alive = [0], [0]
+
+    def released() -> None:
+        with lock:
+            alive[0] -= 1
+
+    def loader(name):
+        def load():
+            if name == "t01":
+                second_started.set()
+            if name == "t00":  # finishes only once another thread has started the next load
+                assert second_started.wait(timeout=60)
+            with lock:
+                alive[0] += 1
+                most_alive[0] = max(most_alive[0], alive[0])
+            array = arrays[name].copy()
+            weakref.finalize(array, released)
+            return array
+
+        return load
+
+    tensors = [TensorToWrite(name, a.shape, a.dtype, loader(name)) for name, a in arrays.items()]
+    paths = write_safetensors_shards(tensors, tmp_path, max_shard_bytes=1000, load_threads=3)
+    assert len(paths) > 3
+    read_back = {name: a for shard in paths[:-1] for name, a in safetensors.numpy.load_file(shard).items()}
+    assert {name: _bits(a) for name, a in read_back.items()} == {name: _bits(a) for name, a in arrays.items()}
+    assert 3 <= most_alive[0] <= 4  # 3 loading ahead + the one being written, never the whole model
+    assert alive[0] == 0
+
+
+def test_writer_stops_loading_after_a_failed_load(tmp_path):
+    started: list[str] = []
+
+    def loader(index):
+        def load():
+            started.append(f"t{index}")
+            if index == 5:
+                raise WeightFormatError("tensor t5 could not be converted")
+            return np.zeros(4, np.float32)
+
+        return load
+
+    tensors = [TensorToWrite(f"t{i}", (4,), np.dtype(np.float32), loader(i)) for i in range(40)]
+    with pytest.raises(WeightFormatError, match="t5 could not be converted"):
+        write_safetensors_shards(tensors, tmp_path, max_shard_bytes=32, load_threads=2)
+    assert len(started) <= 5 + 1 + 2 + 1  # the loads before it, itself, and those queued behind it
+    names = {p.name for p in tmp_path.iterdir()}  # the shards completed before it, and no index vouching for them
+    assert names == {f"model-{i:05d}-of-00020.safetensors" for i in range(1, len(names) + 1)} and len(names) <= 2
+
+
+def test_reads_from_many_threads_at_once_are_bit_exact(tmp_path):
+    """The import reads tensors of one file on several threads: reads must not share a file position."""
+    rng = np.random.default_rng(0)
+    arrays = {f"w{i:02d}": rng.standard_normal((64, 48)).astype(np.float32) for i in range(48)}
+    safetensors.numpy.save_file(arrays, tmp_path / "model.safetensors")
+    with open_hf_weights(tmp_path) as weights, ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            read = dict(zip(arrays, pool.map(weights.read, arrays)))
+            assert {n: _bits(a) for n, a in read.items()} == {n: _bits(a) for n, a in arrays.items()}
 
 
 def test_read_back_after_write_is_a_faithful_hfweights(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,19 +184,21 @@ def load_params(
 class ParamReader:
     """Reads one parameter at a time as a host array in the dtype it is stored in, keeping only the
     latest one in memory: what a streaming export needs (peak memory: the largest stacked parameter,
-    not the model)."""
+    not the model; two of them while threads still convert the previous one's layers). Thread-safe."""
 
     def __init__(self, ckpt: Path):
         self.orbax_dir, self.in_train_state, meta_dir = locate_params(ckpt)
         self.meta = read_model_meta(meta_dir)
         self._current: tuple[tuple[str, ...], np.ndarray] | None = None
+        self._lock = threading.Lock()
 
     def __call__(self, path: tuple[str, ...]) -> np.ndarray:
-        if self._current is None or self._current[0] != path:
-            self._current = None  # release the previous array before reading the next
-            item, restore_args = {}, {}
-            set_path(item, path, np.zeros((), np.float32))
-            set_path(restore_args, path, ocp.RestoreArgs(restore_type=np.ndarray))
-            restored = _restore(self.orbax_dir, self.in_train_state, item, restore_args)
-            self._current = (path, get_path(restored, path))
-        return self._current[1]
+        with self._lock:
+            if self._current is None or self._current[0] != path:
+                self._current = None  # release the previous array before reading the next
+                item, restore_args = {}, {}
+                set_path(item, path, np.zeros((), np.float32))
+                set_path(restore_args, path, ocp.RestoreArgs(restore_type=np.ndarray))
+                restored = _restore(self.orbax_dir, self.in_train_state, item, restore_args)
+                self._current = (path, get_path(restored, path))
+            return self._current[1]

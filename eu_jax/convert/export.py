@@ -15,6 +15,7 @@ import numpy as np
 from eu_jax.convert.checkpoint import HF_FILES_DIR, ModelMeta, ParamReader, ensure_new_output, locate_params
 from eu_jax.convert.keymap import rules_for
 from eu_jax.convert.safetensors_io import TensorToWrite, write_safetensors_shards
+from eu_jax.convert.threads import conversion_threads
 from eu_jax.models.config import ModelConfig
 from eu_jax.models.state import Params, abstract_params
 from eu_jax.tree_paths import get_path
@@ -82,7 +83,8 @@ def export_checkpoint(
     meta = reader.meta
     shapes = abstract_params(meta.config)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors_shards(hf_tensors(reader, meta.config, shapes, np_dtype), out, max_shard_bytes, progress=progress)
+    write_safetensors_shards(hf_tensors(reader, meta.config, shapes, np_dtype), out, max_shard_bytes, progress=progress,
+                             load_threads=conversion_threads())
     hf_config = write_hf_config(meta, meta.config.vocab_size, dtype, out)
     _, _, meta_dir = locate_params(ckpt)
     side = meta_dir / HF_FILES_DIR

@@ -1,7 +1,7 @@
 """Import Hugging Face checkpoints (safetensors, opt-in pickles, GGUF) into eu_jax params.
 
-Tensors are read one at a time and each parameter is placed straight into its sharding on the
-device mesh, so host memory peaks near one copy of the model plus one stacked parameter.
+Tensors are read one per conversion thread at a time and each parameter is placed straight into its
+sharding on the device mesh, so host memory peaks near one copy of the model plus one stacked parameter.
 Every name and shape is checked against the config before any tensor data is read.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from eu_jax.convert.checkpoint import ModelMeta, ensure_new_output, save_params_checkpoint, storage_dtype
 from eu_jax.convert.keymap import KeyRule, expected_hf_names, is_ignorable, rules_for
 from eu_jax.convert.safetensors_io import WeightReader
+from eu_jax.convert.threads import conversion_threads
 from eu_jax.models.config import ModelConfig, RuntimeOptions, from_hf_config
 from eu_jax.models.state import Params, abstract_params, params_shardings
 from eu_jax.parallel.mesh import single_device_mesh
@@ -112,19 +114,23 @@ def import_params(
     shardings = params_shardings(config, mesh, options, rules)
     params: Params = {}
     bar = tqdm(total=len(expected_hf_names(config)), desc="import", unit="tensor", disable=not progress)
-    for rule in rules_for(config):
-        target = get_path(abstract, rule.path)
-        names = _rule_names(rule, config)
-        dtype = storage_dtype([weights.dtype(name) for name in names], target.dtype) if keep_source_dtype else target.dtype
-        host = _aligned_empty(target.shape, dtype)
-        our_shape = target.shape[1:] if rule.per_layer else target.shape
-        hf_shape = rule.hf_shape(our_shape)
-        for i, name in enumerate(names):
-            rule.layout.to_ours_into(weights.read(name).reshape(hf_shape), host[i] if rule.per_layer else host)
-            bar.update()
-        sharding = get_path(shardings, rule.path)
-        set_path(params, rule.path, jax.make_array_from_callback(target.shape, sharding, lambda idx, h=host: h[idx]))
-        del host
+    with ThreadPoolExecutor(conversion_threads()) as pool:
+        for rule in rules_for(config):
+            target = get_path(abstract, rule.path)
+            names = _rule_names(rule, config)
+            dtype = storage_dtype([weights.dtype(name) for name in names], target.dtype) if keep_source_dtype else target.dtype
+            host = _aligned_empty(target.shape, dtype)
+            hf_shape = rule.hf_shape(target.shape[1:] if rule.per_layer else target.shape)
+
+            def fill(index: int) -> None:  # runs to completion within this rule's iteration
+                source = weights.read(names[index]).reshape(hf_shape)
+                rule.layout.to_ours_into(source, host[index] if rule.per_layer else host)
+
+            for _ in pool.map(fill, range(len(names))):
+                bar.update()
+            sharding = get_path(shardings, rule.path)
+            set_path(params, rule.path, jax.make_array_from_callback(target.shape, sharding, lambda idx, h=host: h[idx]))
+            del host
     bar.close()
     return params
 

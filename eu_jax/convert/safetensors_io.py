@@ -1,21 +1,23 @@
 """Safetensors reading and writing without mmap or torch, plus a view over a Hugging Face weight directory.
 
-Reads ``seek`` + ``readinto`` one tensor at a time into a fresh numpy buffer and writes stream one tensor
-at a time, so peak memory stays near the largest tensor rather than the whole model (mmap'd pages would
-count in RSS, which is what gets a conversion job killed).
+Reads one tensor at a time (positional reads, so several threads may read at once) into a fresh numpy
+buffer and writes stream one tensor at a time, so peak memory stays near the largest tensors rather than the
+whole model (mmap'd pages would count in RSS, which is what gets a conversion job killed).
 """
 
 from __future__ import annotations
 
 import abc
+import collections
 import json
 import math
 import os
 import re
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -99,7 +101,8 @@ class WeightReader(abc.ABC):
         """The dtype `read` returns for this tensor."""
 
     @abc.abstractmethod
-    def read(self, name: str) -> np.ndarray: ...
+    def read(self, name: str) -> np.ndarray:
+        """A fresh array of this tensor; safe to call from several threads at once (the import does)."""
 
     @abc.abstractmethod
     def file_of(self, name: str) -> Path: ...
@@ -151,12 +154,12 @@ class HFWeights(WeightReader):
         if entry.array is not None:
             return entry.array.copy()
         buffer = np.empty(entry.nbytes, dtype=np.uint8)
-        handle = self._handles[entry.file]
-        handle.seek(entry.start)
+        descriptor = self._handles[entry.file].fileno()
         view = memoryview(buffer)  # bfloat16 has no buffer format, so read as bytes and reinterpret
         done = 0
         while done < entry.nbytes:  # raw reads may return less than asked (about 2 GiB at most on Linux)
-            count = handle.readinto(view[done:])
+            # Positional reads share no file offset, so threads may read tensors of one file at once.
+            count = os.preadv(descriptor, [view[done:]], entry.start + done)
             if not count:
                 raise WeightFormatError(f"{entry.file} is truncated: tensor {name!r} ended early while reading")
             done += count
@@ -199,7 +202,7 @@ def open_hf_weights(model_dir: str | Path, allow_pickle: bool = False) -> HFWeig
             if pickled:
                 per_file[file] = _read_pickle(file)
             else:
-                handles[file] = open(file, "rb", buffering=0)  # unbuffered: readinto goes straight to numpy
+                handles[file] = open(file, "rb", buffering=0)  # unbuffered: reads go straight to numpy
                 per_file[file] = _read_header(file, handles[file])
         entries = per_file[path] if weight_map is None else _select(path, weight_map, per_file)
     except BaseException:
@@ -353,12 +356,15 @@ def write_safetensors_shards(
     max_shard_bytes: int = 5 * 10**9,
     metadata: dict[str, str] | None = None,
     progress: bool = False,
+    load_threads: int = 1,
 ) -> list[Path]:
     """Write `tensors` as safetensors shards, holding one tensor in memory at a time; returns the files written.
 
     One shard is ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors`` plus
     ``model.safetensors.index.json``, as transformers names them. Each file appears under its final name only
     once complete, and weight files left in `out_dir` by an earlier export are removed so none can shadow these.
+    With `load_threads` > 1, that many threads run the next tensors' `load` (which must then be thread-safe)
+    while one is written, so up to `load_threads` + 1 tensors are in memory.
     """
     out_dir = Path(out_dir)
     metadata = {"format": "pt"} if metadata is None else dict(metadata)  # transformers refuses files without it
@@ -372,9 +378,14 @@ def write_safetensors_shards(
     # An index from an earlier export would vouch for a mix of old and new shards if this one is interrupted.
     (out_dir / SAFE_INDEX).unlink(missing_ok=True)
     total = sum(t.nbytes for t in tensors)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"Writing {out_dir}", disable=not progress) as bar:
-        for path, shard in zip(paths, shards):
-            _write_shard(path, shard, metadata, bar)
+    with (tqdm(total=total, unit="B", unit_scale=True, desc=f"Writing {out_dir}", disable=not progress) as bar,
+          ThreadPoolExecutor(load_threads) as pool):
+        try:
+            arrays = _loads_ahead(pool, [(t, path) for path, shard in zip(paths, shards) for t in shard], load_threads)
+            for path, shard in zip(paths, shards):
+                _write_shard(path, shard, metadata, bar, arrays)
+        finally:
+            pool.shutdown(cancel_futures=True)  # a failed write leaves no loads queued behind it
     if len(shards) > 1:
         weight_map = {t.name: path.name for path, shard in zip(paths, shards) for t in shard}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -429,15 +440,27 @@ def _header_bytes(shard: list[TensorToWrite], metadata: dict[str, str]) -> bytes
     return raw + b" " * (-len(raw) % 8)
 
 
-def _write_shard(path: Path, shard: list[TensorToWrite], metadata: dict[str, str], bar: tqdm) -> None:
+def _loads_ahead(pool: ThreadPoolExecutor, jobs: list[tuple[TensorToWrite, Path]], ahead: int) -> Iterator[np.ndarray]:
+    """Each tensor's checked `load()` in order, with the next `ahead` loads running on `pool` meanwhile."""
+    pending: collections.deque[Future[np.ndarray]] = collections.deque()
+    for t, path in jobs:
+        pending.append(pool.submit(_load_checked, t, path))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _write_shard(path: Path, shard: list[TensorToWrite], metadata: dict[str, str], bar: tqdm,
+                 arrays: Iterator[np.ndarray]) -> None:
     def write(f: BinaryIO) -> None:
         header = _header_bytes(shard, metadata)
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         for t in shard:
             # A flat uint8 view (bfloat16 arrays cannot be handed to write() directly), dropped before the next
-            # load() so that only one tensor is alive at a time.
-            f.write(np.ascontiguousarray(_load_checked(t, path)).reshape(-1).view(np.uint8))
+            # array is taken so that only the ones loading ahead are alive beside it.
+            f.write(np.ascontiguousarray(next(arrays)).reshape(-1).view(np.uint8))
             bar.update(t.nbytes)
 
     _write_atomically(path, write)
