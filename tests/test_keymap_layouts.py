@@ -50,13 +50,14 @@ def test_same_dtype_layouts_move_bf16_bits_unchanged(layout):
     np.testing.assert_array_equal(back.view(np.uint16), bits)
 
 
-@pytest.mark.parametrize("dtype", [np.int8, ml_dtypes.bfloat16, np.float16, np.float32])
+@pytest.mark.parametrize("dtype", [np.int8, ml_dtypes.bfloat16, np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("rows, cols", [(7, 1032), (130, 24), (3, 6)])
 def test_linear_layout_transposes_bits_of_every_width_like_numpy(dtype, rows, cols):
-    """Same-dtype transposes of 1, 2 and 4-byte elements (moved as 8-byte words where the columns allow,
-    several scratch chunks at 1032 columns) and of a column slice of a wider array equal numpy's `.T`."""
+    """Same-dtype transposes of 1 to 8-byte elements (moved as 16 or 8-byte words where the rows' bytes
+    allow, several scratch chunks at 1032 columns) and of a column slice of a wider array equal numpy's `.T`,
+    bit for bit (random bits: NaN payloads included)."""
     itemsize = np.dtype(dtype).itemsize
-    bits_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32}[itemsize]
+    bits_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
     wide = np.random.default_rng(rows).integers(0, 2 ** (8 * itemsize), size=(rows, cols + 8), dtype=bits_dtype)
     for hf_bits in (wide[:, :cols], np.ascontiguousarray(wide[:, :cols])):
         ours = np.empty((cols, rows), dtype)
