@@ -196,11 +196,28 @@ def _load_conversion_libraries() -> dict[str, Any]:
     return {"startup": time.perf_counter() - start, "floor": peak_rss_bytes(), "versions": versions}
 
 
-def child_read(files: list[str]) -> dict[str, Any]:
+def back_memory(nbytes: int) -> None:
+    """Write and free `nbytes` of memory, then restart the process's peak RSS (VmHWM) from its present RSS.
+
+    On the VMs these runs use, memory the guest has not used lately costs 2-3 s of kernel time per GB at its
+    first write (BENCHMARKS.md, conversion findings), so a step's seconds would depend on how much fresh
+    memory it meets, which the host's reclaim timing decides, not the step. Every step does this before its
+    clock starts, so each meets memory the host backs, and the peak RSS stays the step's own."""
+    import numpy as np
+
+    if nbytes:
+        block = np.ones(nbytes, np.uint8)  # every page written
+        del block  # glibc unmaps a block this large at once
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # Linux: reset VmHWM
+
+
+def child_read(files: list[str], backed_bytes: int) -> dict[str, Any]:
     """Raw read: every byte of the weight files into one numpy buffer, as an import must at least do."""
     import numpy as np
 
     sizes = [os.path.getsize(file) for file in files]
+    back_memory(backed_bytes)
     start = time.perf_counter()
     buffer = np.empty(sum(sizes), dtype=np.uint8)
     view, done = memoryview(buffer), 0
@@ -215,7 +232,7 @@ def child_read(files: list[str]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start}
 
 
-def child_copy(files: list[str], dest_dir: str, target_bytes: int) -> dict[str, Any]:
+def child_copy(files: list[str], dest_dir: str, target_bytes: int, backed_bytes: int) -> dict[str, Any]:
     """Raw copy: read and write `target_bytes` through user space, cycling over `files`.
 
     A plain read/write loop rather than shutil.copyfile, whose in-kernel sendfile never touches user
@@ -223,6 +240,7 @@ def child_copy(files: list[str], dest_dir: str, target_bytes: int) -> dict[str, 
     """
     buffer = bytearray(COPY_CHUNK_BYTES)
     view = memoryview(buffer)
+    back_memory(backed_bytes)
     start = time.perf_counter()
     written, round_ = 0, 0
     while written < target_bytes:
@@ -239,18 +257,19 @@ def child_copy(files: list[str], dest_dir: str, target_bytes: int) -> dict[str, 
     return {"seconds": time.perf_counter() - start}
 
 
-def child_import(src: str, out: str, dims: dict[str, int]) -> dict[str, Any]:
+def child_import(src: str, out: str, dims: dict[str, int], backed_bytes: int) -> dict[str, Any]:
     loaded = _load_conversion_libraries()
     from eu_jax.convert.hf_import import import_checkpoint
     from eu_jax.models.config import RuntimeOptions
 
     write_hf_config(LlamaDims(**dims), Path(src))  # completes the source; see write_hf_config for why here
+    back_memory(backed_bytes)
     start = time.perf_counter()
     import_checkpoint(Path(src), Path(out), options=RuntimeOptions(param_dtype="float32"), progress=False)
     return {"seconds": time.perf_counter() - start, **loaded}
 
 
-def child_load(ckpt: str) -> dict[str, Any]:
+def child_load(ckpt: str, backed_bytes: int) -> dict[str, Any]:
     """Restore the imported checkpoint as fp32 params on the CPU device, as a training run starts."""
     loaded = _load_conversion_libraries()
     import jax
@@ -259,6 +278,7 @@ def child_load(ckpt: str) -> dict[str, Any]:
     from eu_jax.models.state import params_shardings
     from eu_jax.parallel.mesh import single_device_mesh
 
+    back_memory(backed_bytes)
     start = time.perf_counter()
     meta = load_model_meta(Path(ckpt))
     params, _ = load_params(Path(ckpt), params_shardings(meta.config, single_device_mesh()))
@@ -266,10 +286,11 @@ def child_load(ckpt: str) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start, **loaded}
 
 
-def child_export(ckpt: str, out: str, dtype: str, shard_bytes: int) -> dict[str, Any]:
+def child_export(ckpt: str, out: str, dtype: str, shard_bytes: int, backed_bytes: int) -> dict[str, Any]:
     loaded = _load_conversion_libraries()
     from eu_jax.convert.export import export_checkpoint
 
+    back_memory(backed_bytes)
     start = time.perf_counter()
     export_checkpoint(Path(ckpt), Path(out), dtype=dtype, max_shard_bytes=shard_bytes, progress=False)
     return {"seconds": time.perf_counter() - start, **loaded}
@@ -348,15 +369,20 @@ class Run:
     ckpt_bytes: int
     seconds: float
     baseline_runs: int
+    backed_bytes: int
 
 
-def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_runs: int) -> Run:
-    """All steps in order, each baseline before the conversions it is compared with."""
+def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_runs: int, fresh_memory: bool = False) -> Run:
+    """All steps in order, each baseline before the conversions it is compared with.
+
+    Unless `fresh_memory`, each step first writes and frees as much memory as the fp32 params and the source
+    together (`back_memory`), more than any step touches."""
     start = time.perf_counter()
     src, ckpt = run_dir / "hf_src", run_dir / "ckpt"
     log(f"writing random {dims} bf16 weights to {src}")
     files = [str(f) for f in write_random_weights(dims, src, shard_bytes)]
     file_bytes = sum(os.path.getsize(f) for f in files)
+    backed = 0 if fresh_memory else dims.fp32_bytes + file_bytes
     steps: dict[str, Step] = {}
 
     def add(step: Step) -> None:
@@ -367,26 +393,28 @@ def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_run
         copies.mkdir()
         step = run_step(f"copy {short}", f"read+write {copy_bytes / GB:.2f} GB of the source files", copy_bytes, "copy",
                         baseline_runs, cleanup=lambda: empty_dir(copies),
-                        files=files, dest_dir=str(copies), target_bytes=copy_bytes)
+                        files=files, dest_dir=str(copies), target_bytes=copy_bytes, backed_bytes=backed)
         copies.rmdir()
         return step
 
-    add(run_step("read", "read the safetensors bytes into one buffer", file_bytes, "read", baseline_runs, files=files))
+    add(run_step("read", "read the safetensors bytes into one buffer", file_bytes, "read", baseline_runs, files=files,
+                 backed_bytes=backed))
     add(copy_step("bf16", file_bytes))  # the import's baseline and export bf16's
     add(run_step("import", "import to an orbax checkpoint (the bf16 weights kept as bf16)", file_bytes, "import",
-                 src=str(src), out=str(ckpt), dims=dataclasses.asdict(dims)))
+                 src=str(src), out=str(ckpt), dims=dataclasses.asdict(dims), backed_bytes=backed))
     add(run_step("load", "restore that checkpoint as fp32 params (a training run's start)", dims.fp32_bytes, "load",
-                 ckpt=str(ckpt)))
+                 ckpt=str(ckpt), backed_bytes=backed))
     for dtype, short, copy_bytes in (("bfloat16", "bf16", file_bytes), ("float32", "fp32", 2 * file_bytes)):
         if f"copy {short}" not in steps:
             add(copy_step(short, copy_bytes))
         out = run_dir / f"export_{short}"
         export = run_step(f"export {short}", f"export to {dtype} safetensors", 0, "export",
-                          ckpt=str(ckpt), out=str(out), dtype=dtype, shard_bytes=shard_bytes)
+                          ckpt=str(ckpt), out=str(out), dtype=dtype, shard_bytes=shard_bytes,
+                          backed_bytes=backed)
         add(dataclasses.replace(export, bytes=dir_bytes(out, "*.safetensors")))
         shutil.rmtree(out)
     seconds = time.perf_counter() - start
-    return Run(dims, file_bytes, len(files), shard_bytes, steps, dir_bytes(ckpt), seconds, baseline_runs)
+    return Run(dims, file_bytes, len(files), shard_bytes, steps, dir_bytes(ckpt), seconds, baseline_runs, backed)
 
 
 # ----------------------------------------------------------------------------------------- the report
@@ -423,6 +451,14 @@ def _section_intro(run: Run) -> list[str]:
         "gets), and dirty pages are flushed before every step. GB are 10^9 bytes; params are the model's "
         "fp32 params (what training holds): the import keeps the source's bf16 in its checkpoint, load widens it "
         "to fp32, export reads it one parameter at a time.",
+        "",
+        (f"Before its clock starts, every step writes and frees {run.backed_bytes / GB:.2f} GB of memory (the fp32 "
+         "params and the source together, more than any step touches) and restarts its peak RSS: on the VMs "
+         "these runs use, memory the guest has not used lately costs 2-3 s of kernel time per GB at its first "
+         "write, so without it each step's seconds would follow how much such memory it happened to meet "
+         "(findings below)." if run.backed_bytes else
+         "**Run with `--fresh-memory`**: the steps did not write and free memory before their clocks started, so "
+         "each met whatever memory the host had reclaimed (findings below)."),
     ]
 
 
@@ -487,6 +523,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="max safetensors shard size for the source and the exports (default 5GB: one file)")
     parser.add_argument("--baseline-runs", type=int, default=3,
                         help="runs of each read/copy baseline, best kept (default %(default)s)")
+    parser.add_argument("--fresh-memory", action="store_true",
+                        help="do not write and free memory before each step (see back_memory)")
     return parser.parse_args(argv)
 
 
@@ -497,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="eu_jax_bench_convert_", dir=args.workdir))
     try:
-        run = run_benchmark(run_dir, LlamaDims.scaled(args.layers), args.shard_size, args.baseline_runs)
+        run = run_benchmark(run_dir, LlamaDims.scaled(args.layers), args.shard_size, args.baseline_runs, args.fresh_memory)
     finally:
         if args.keep:
             log(f"kept {run_dir}")
