@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -104,3 +106,39 @@ def test_cli_export_of_a_non_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert eu_convert(["export", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
     assert "is not an eu_jax checkpoint" in capsys.readouterr().err
+
+
+def test_a_failed_read_stops_the_import_without_reading_the_remaining_layers(tmp_path, monkeypatch):
+    """A tensor that cannot be read ends the import there: the layers queued behind it on the conversion
+    threads are dropped, not read (an import of a large model would otherwise go on for minutes)."""
+    from eu_jax.convert.hf_import import import_params
+    from eu_jax.convert.safetensors_io import open_hf_weights
+    from eu_jax.models.config import from_hf_config
+
+    save_hf_model("llama", tmp_path / "hf", num_hidden_layers=24)
+    config = from_hf_config(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    monkeypatch.setattr("eu_jax.convert.hf_import.conversion_threads", lambda: 2)
+    stopping = threading.Event()
+
+    class Pool(ThreadPoolExecutor):
+        def shutdown(self, *args, **kwargs):
+            stopping.set()  # lets the reads in flight finish
+            super().shutdown(*args, **kwargs)
+
+    monkeypatch.setattr("eu_jax.convert.hf_import.ThreadPoolExecutor", Pool)
+    with open_hf_weights(tmp_path / "hf") as weights:
+        read, started = weights.read, []
+
+        def failing_read(name):
+            started.append(name)
+            if name == "model.layers.1.self_attn.q_proj.weight":
+                raise WeightFormatError(f"{name} is damaged")
+            if ".self_attn.q_proj." in name and name != "model.layers.0.self_attn.q_proj.weight":
+                assert stopping.wait(timeout=60)  # later layers are held until the import gives up
+            return read(name)
+
+        monkeypatch.setattr(weights, "read", failing_read)
+        with pytest.raises(WeightFormatError, match="q_proj.weight is damaged"):
+            import_params(weights, config)
+    queried = [name for name in started if name.endswith("self_attn.q_proj.weight")]
+    assert 2 <= len(queried) <= 4  # layers 0 and 1, and at most what the two threads had already taken
