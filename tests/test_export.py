@@ -16,6 +16,7 @@ from eu_jax.convert.checkpoint import load_params, read_model_meta, storage_dtyp
 from eu_jax.convert.cli import main as eu_convert
 from eu_jax.convert.export import export_checkpoint
 from eu_jax.convert.hf_import import import_checkpoint
+from eu_jax.convert.threads import conversion_threads
 from eu_jax.models.config import RuntimeOptions
 from tests.tiny_models import save_hf_model
 
@@ -107,6 +108,16 @@ def test_bf16_source_round_trips_bit_exact_through_fp32_params(tmp_path, monkeyp
     assert set(original) == set(exported)
     for name, tensor in original.items():
         assert exported[name].dtype == torch.bfloat16 and torch.equal(exported[name], tensor), name
+
+
+def test_conversion_threads_follow_the_usable_cores(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(3)), raising=False)
+    assert conversion_threads() == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert conversion_threads() == 8  # each thread holds tensors of its own
+    monkeypatch.delattr("os.sched_getaffinity", raising=False)  # macOS
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert conversion_threads() == 1
 
 
 def _stored_dtypes(ckpt) -> set[str]:
