@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import math
 import os
 import shutil
@@ -383,6 +384,7 @@ def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_run
     files = [str(f) for f in write_random_weights(dims, src, shard_bytes)]
     file_bytes = sum(os.path.getsize(f) for f in files)
     backed = 0 if fresh_memory else dims.fp32_bytes + file_bytes
+    measure = functools.partial(run_step, backed_bytes=backed)  # every child step takes it (see back_memory)
     steps: dict[str, Step] = {}
 
     def add(step: Step) -> None:
@@ -391,26 +393,24 @@ def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_run
     def copy_step(short: str, copy_bytes: int) -> Step:
         copies = run_dir / f"copy_{short}"
         copies.mkdir()
-        step = run_step(f"copy {short}", f"read+write {copy_bytes / GB:.2f} GB of the source files", copy_bytes, "copy",
-                        baseline_runs, cleanup=lambda: empty_dir(copies),
-                        files=files, dest_dir=str(copies), target_bytes=copy_bytes, backed_bytes=backed)
+        copied = measure(f"copy {short}", f"read+write {copy_bytes / GB:.2f} GB of the source files", copy_bytes, "copy",
+                         baseline_runs, cleanup=lambda: empty_dir(copies),
+                         files=files, dest_dir=str(copies), target_bytes=copy_bytes)
         copies.rmdir()
-        return step
+        return copied
 
-    add(run_step("read", "read the safetensors bytes into one buffer", file_bytes, "read", baseline_runs, files=files,
-                 backed_bytes=backed))
+    add(measure("read", "read the safetensors bytes into one buffer", file_bytes, "read", baseline_runs, files=files))
     add(copy_step("bf16", file_bytes))  # the import's baseline and export bf16's
-    add(run_step("import", "import to an orbax checkpoint (the bf16 weights kept as bf16)", file_bytes, "import",
-                 src=str(src), out=str(ckpt), dims=dataclasses.asdict(dims), backed_bytes=backed))
-    add(run_step("load", "restore that checkpoint as fp32 params (a training run's start)", dims.fp32_bytes, "load",
-                 ckpt=str(ckpt), backed_bytes=backed))
+    add(measure("import", "import to an orbax checkpoint (the bf16 weights kept as bf16)", file_bytes, "import",
+                src=str(src), out=str(ckpt), dims=dataclasses.asdict(dims)))
+    add(measure("load", "restore that checkpoint as fp32 params (a training run's start)", dims.fp32_bytes, "load",
+                ckpt=str(ckpt)))
     for dtype, short, copy_bytes in (("bfloat16", "bf16", file_bytes), ("float32", "fp32", 2 * file_bytes)):
         if f"copy {short}" not in steps:
             add(copy_step(short, copy_bytes))
         out = run_dir / f"export_{short}"
-        export = run_step(f"export {short}", f"export to {dtype} safetensors", 0, "export",
-                          ckpt=str(ckpt), out=str(out), dtype=dtype, shard_bytes=shard_bytes,
-                          backed_bytes=backed)
+        export = measure(f"export {short}", f"export to {dtype} safetensors", 0, "export",
+                         ckpt=str(ckpt), out=str(out), dtype=dtype, shard_bytes=shard_bytes)
         add(dataclasses.replace(export, bytes=dir_bytes(out, "*.safetensors")))
         shutil.rmtree(out)
     seconds = time.perf_counter() - start

@@ -402,7 +402,7 @@ def test_writer_rejects_bad_requests(tmp_path):
 
 def test_writer_loads_ahead_on_threads_holding_a_bounded_number_of_tensors(tmp_path):
     arrays = {f"t{i:02d}": np.full((16, 4), i, np.float32) for i in range(24)}
-    second_started = threading.Event()
+    next_two_loaded = {name: threading.Event() for name in ("t01", "t02")}
     lock = threading.Lock()
     alive, most_alive = [0], [0]
 
@@ -412,15 +412,15 @@ def test_writer_loads_ahead_on_threads_holding_a_bounded_number_of_tensors(tmp_p
 
     def loader(name):
         def load():
-            if name == "t01":
-                second_started.set()
-            if name == "t00":  # finishes only once another thread has started the next load
-                assert second_started.wait(timeout=60)
+            if name == "t00":  # finishes only once two other threads have loaded the next two tensors
+                assert all(event.wait(timeout=60) for event in next_two_loaded.values())
             with lock:
                 alive[0] += 1
                 most_alive[0] = max(most_alive[0], alive[0])
             array = arrays[name].copy()
             weakref.finalize(array, released)
+            if name in next_two_loaded:
+                next_two_loaded[name].set()
             return array
 
         return load

@@ -53,8 +53,9 @@ class Layout:
         return (math.prod(our_shape[in_axes:]), math.prod(our_shape[:in_axes]))
 
 
-# Word sizes `_transpose_by_words` moves, as the dtypes numpy copies them with (same-dtype copies move raw
-# bytes by item size, so any bit pattern survives; complex128 is numpy's only 16-byte item it copies natively).
+# Word sizes `_transpose_by_words` moves, widest first (the first that divides a row is taken), as the dtypes
+# numpy copies them with (same-dtype copies move raw bytes by item size, so any bit pattern survives;
+# complex128 is numpy's only 16-byte item it copies natively).
 _WORD_DTYPES = {16: np.complex128, 8: np.uint64}
 
 
