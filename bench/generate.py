@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
+import itertools
 import os
 import tempfile
 import time
@@ -41,6 +43,11 @@ SECTION_TITLE = "## Generation (bench/generate.py)"
 SPEEDUP_GOAL = 3.0  # eu_jax tokens/s at least this many times transformers' at batch 16
 GOAL_BATCH = 16
 PRODUCT_REPEATS = 3  # timed runs of the weight-products floor per timed run of `generate`
+# Sampled decoding (no goal; eu-selfgen's work): name -> settings, applied alike on both sides.
+SAMPLED = {
+    "temperature 1 (eu-selfgen's default)": dict(temperature=1.0, top_k=0, top_p=1.0),
+    "temperature 1, top-p 0.9": dict(temperature=1.0, top_k=0, top_p=0.9),
+}
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -91,6 +98,18 @@ class Row:
         return 1000 * (side.best - side.prefill) / (self.new_tokens - 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class SampledRow:
+    setting: str
+    batch: int
+    new_tokens: int
+    first: dict[str, float]  # side -> first call s
+    best: dict[str, float]  # side -> best s
+
+    def tokens_per_s(self, side: str) -> float:
+        return self.batch * self.new_tokens / self.best[side]
+
+
 EU_SIDES = {"eu_jax": "float32", "eu_jax, bf16 weights": "bfloat16"}  # side -> stored parameter dtype
 
 
@@ -117,6 +136,16 @@ def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
     return [list(tokenizer.apply_chat_template(t, add_generation_prompt=True, return_dict=False)) for t in turns]
 
 
+def alternate(runners: dict[str, Callable[[], object]], runs: int, label: str) -> dict[str, list[float]]:
+    """Seconds of `runs` rounds, each running every runner once in turn, so load bursts hit every side."""
+    times = {name: [] for name in runners}
+    for attempt in range(runs):
+        for name, run in runners.items():
+            times[name].append(timed(run)[0])
+        log(f"{label} run {attempt + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+    return times
+
+
 def measure(decoders, reference, tokenizer, batch: int, new_tokens: int, runs: int) -> Row:
     prompts = chat_prompts(tokenizer, batch)
     pad_id = tokenizer.pad_token_id
@@ -140,13 +169,12 @@ def measure(decoders, reference, tokenizer, batch: int, new_tokens: int, runs: i
     for name, run in runners.items():
         first[name], tokens[name] = timed(run)
         run(1)  # compiles the 1-token variant
-    times = {name: [] for name in runners}
-    prefill = {name: [] for name in runners}
-    for attempt in range(runs):  # alternate, so load bursts hit every side
-        for name, run in runners.items():
-            times[name].append(timed(run)[0])
-            prefill[name].append(timed(lambda: run(1))[0])
-        log(f"batch {batch} run {attempt + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+    calls = {}
+    for name, run in runners.items():
+        calls[name], calls[f"{name} 1-token"] = run, functools.partial(run, 1)
+    seconds = alternate(calls, runs, f"batch {batch}")
+    times = {name: seconds[name] for name in runners}
+    prefill = {name: seconds[f"{name} 1-token"] for name in runners}
     assert all(len(t) == new_tokens for rows in tokens.values() for t in rows), "a row stopped early"
     sides = [
         Side(name, first[name], min(times[name]), min(prefill[name]),
@@ -156,6 +184,35 @@ def measure(decoders, reference, tokenizer, batch: int, new_tokens: int, runs: i
     products = weight_products_ms(next(iter(decoders.values())).config, batch, repeats=PRODUCT_REPEATS * runs)
     log(f"batch {batch} weight products alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in products.items()))
     return Row(batch, max(map(len, prompts)), sides, threads, new_tokens, products)
+
+
+def measure_sampled(decoder, reference, tokenizer, batch: int, new_tokens: int, runs: int) -> list[SampledRow]:
+    """Sampled decoding, eu_jax against transformers (torch threads as the greedy rows chose), per setting."""
+    prompts = chat_prompts(tokenizer, batch)
+    pad_id = tokenizer.pad_token_id
+    ids, mask = left_pad(prompts, pad_id)
+    seeds = itertools.count(1)  # a new seed per call: each call samples anew, as eu-selfgen's batches do
+
+    def runners(knobs: dict) -> dict[str, Callable[[], object]]:
+        def theirs() -> object:
+            with torch.no_grad():
+                return reference.generate(
+                    torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask), do_sample=True,
+                    max_new_tokens=new_tokens, pad_token_id=pad_id, **knobs,
+                )
+
+        return {
+            "eu_jax": lambda: generate(decoder, prompts, SamplingConfig(new_tokens, seed=next(seeds), **knobs), pad_id=pad_id),
+            "transformers": theirs,
+        }
+
+    rows = []
+    for setting, knobs in SAMPLED.items():
+        sides = runners(knobs)
+        first = {name: timed(run)[0] for name, run in sides.items()}
+        best = {name: min(times) for name, times in alternate(sides, runs, f"batch {batch}, {setting}").items()}
+        rows.append(SampledRow(setting, batch, new_tokens, first, best))
+    return rows
 
 
 def weight_products_ms(config, batch: int, repeats: int) -> dict[str, float]:
@@ -201,7 +258,7 @@ def weight_products_ms(config, batch: int, repeats: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------- the report
 
 
-def render_section(rows: list[Row], runs: int, seconds: float) -> str:
+def render_section(rows: list[Row], sampled: list[SampledRow], runs: int, seconds: float) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     goal_row = next((r for r in rows if r.batch == GOAL_BATCH), None)
     lines = [
@@ -253,6 +310,22 @@ def render_section(rows: list[Row], runs: int, seconds: float) -> str:
         lines.append(
             f"| {r.batch} | {r.products_ms['xla']:.1f} | {r.products_ms['torch']:.1f} | {theirs:.0f} | {theirs / SPEEDUP_GOAL:.0f} |"
         )
+    lines += [
+        "",
+        "Sampled decoding (eu-selfgen's work; no goal): the same prompts, EOS off, settings alike on both sides "
+        "(transformers' `do_sample=True` with its top-k off), a new seed per call; best of "
+        f"{runs} alternating runs, first calls apart. The sides draw different tokens, so only speed is compared.",
+        "",
+        "| Batch | Sampling | Side | First call s | Seconds | Tokens/s | Speed-up |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in sampled:
+        for side in r.best:
+            speedup = "" if side == "transformers" else f"{r.best['transformers'] / r.best[side]:.2f}x"
+            lines.append(
+                f"| {r.batch} | {r.setting} | {side} | {r.first[side]:.2f} | {r.best[side]:.2f} | "
+                f"{r.tokens_per_s(side):.1f} | {speedup} |"
+            )
     if goal_row is not None:
         lines += ["", "| Goal | Value | Verdict |", "|---|---:|---|"]
         for side in goal_row.sides[:-1]:
@@ -275,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
         log("loading SmolLM2-135M-Instruct on both sides")
         models = load_models(Path(workdir))
         rows = [measure(*models, batch, args.new_tokens, args.runs) for batch in args.batches]
-    section = render_section(rows, args.runs, time.perf_counter() - start)
+        decoders, reference, tokenizer = models
+        sampled = measure_sampled(decoders["eu_jax"], reference, tokenizer, max(args.batches), args.new_tokens, args.runs)
+    section = render_section(rows, sampled, args.runs, time.perf_counter() - start)
     publish(SECTION_TITLE, section, write=not args.no_write)
 
 

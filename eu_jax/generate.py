@@ -113,22 +113,56 @@ def bucket_length(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
     return -(-n // step) * step
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+    """fp32 -> uint32 keys in the same order (-inf lowest), so thresholds can be searched over integers."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _lowest_key_with_less_above(keys: jax.Array, weights: jax.Array | float, bound: jax.Array) -> jax.Array:
+    """[B, V] keys -> [B]: per row, the smallest key t whose strictly greater keys weigh less than `bound`.
+
+    A bisection over the 32-bit key range (32 passes over the logits, no sort). With unit weights and
+    bound k that is the k-th largest key; with probabilities and bound p, the lowest key of the nucleus.
+    """
+
+    def halve(_, bounds):
+        low, high = bounds  # the answer lies in (low, high]
+        middle = low + (high - low) // 2
+        less = jnp.sum(jnp.where(keys > middle[:, None], weights, 0), axis=-1) < bound
+        return jnp.where(less, low, middle), jnp.where(less, middle, high)
+
+    start = (jnp.min(keys, axis=-1) - 1, jnp.max(keys, axis=-1))
+    return jax.lax.fori_loop(0, 32, halve, start)[1]
+
+
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """[B, V] logits -> fp32 logits scaled by 1/temperature with filtered-out tokens at -inf.
 
-    top_k <= 0 and top_p >= 1 are off. The nucleus keeps a token when the probability of the tokens
-    ranked above it is below top_p, so the most likely token always survives.
+    top_k <= 0 and top_p >= 1 are off (and cost nothing). The nucleus keeps a token when the probability
+    of the tokens above it is below top_p, so the most likely token always survives. The cut-offs are
+    found by bisection instead of a sort of the vocabulary (which took ~0.4 s per step at 48 rows on CPU).
     """
     logits = logits.astype(jnp.float32) / temperature
-    vocab = logits.shape[-1]
-    ranked = -jnp.sort(-logits, axis=-1)  # descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
-    probs = jax.nn.softmax(ranked, axis=-1)
-    above = jnp.cumsum(probs, axis=-1) - probs
-    kept = (jnp.arange(vocab) < k) & ((above < top_p) | (top_p >= 1))
-    threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+    keys = _order_keys(logits)
+    lowest = jnp.min(keys, axis=-1)
+    k = jnp.minimum(top_k, logits.shape[-1]).astype(jnp.float32)
+    lowest = jax.lax.cond(top_k > 0, lambda: _lowest_key_with_less_above(keys, 1.0, k), lambda: lowest)
+
+    def nucleus() -> jax.Array:
+        probs = jax.nn.softmax(jnp.where(keys >= lowest[:, None], logits, -jnp.inf), axis=-1)
+        return jnp.maximum(lowest, _lowest_key_with_less_above(keys, probs, top_p))
+
+    lowest = jax.lax.cond(top_p < 1, nucleus, lambda: lowest)
+    return jnp.where(keys >= lowest[:, None], logits, -jnp.inf)
+
+
+def _draw(row_key: jax.Array, logits: jax.Array) -> jax.Array:
+    """A token of softmax(logits) by inverting its CDF with one uniform draw in (0, 1]: a token at -inf is
+    never drawn. One random number per row, where a Gumbel draw needs one per vocabulary entry (~9x slower)."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits), axis=-1)
+    target = (1.0 - jax.random.uniform(row_key)) * cdf[-1]
+    return jnp.sum(cdf < target).astype(jnp.int32)
 
 
 @flax.struct.dataclass
@@ -209,7 +243,7 @@ def _choose(logits: jax.Array, knobs: _Knobs, step: jax.Array, greedy: bool) -> 
     filtered = filter_logits(logits, knobs.temperature, knobs.top_k, knobs.top_p)
     step_key = jax.random.fold_in(jax.random.key(knobs.seed), step)
     row_keys = jax.vmap(lambda row: jax.random.fold_in(step_key, row))(jnp.arange(logits.shape[0]))
-    return jax.vmap(jax.random.categorical)(row_keys, filtered).astype(jnp.int32)
+    return jax.vmap(_draw)(row_keys, filtered)
 
 
 def _stop_match_length(window: jax.Array, stops: _Stops) -> jax.Array:

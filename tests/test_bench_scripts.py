@@ -108,6 +108,9 @@ def test_generate_matches_transformers_tokens():
     assert ours["Same tokens"] == "2/2"
     (floor,) = table(out, "Batch", "Weight products alone, XLA ms")
     assert float(floor["Weight products alone, XLA ms"]) > 0 and float(floor["Weight products alone, PyTorch ms"]) > 0
+    sampled = table(out, "Batch", "Sampling")
+    assert len({r["Sampling"] for r in sampled}) == 2 and {r["Side"] for r in sampled} == {"eu_jax", "transformers"}
+    assert all(float(r["Seconds"]) > 0 and r["Batch"] == "2" for r in sampled)
 
 
 def test_convert_reports_every_step():

@@ -18,7 +18,7 @@ from scipy import stats
 import eu_jax.generate_cli as cli
 from eu_jax.convert.checkpoint import HF_FILES_DIR, load_params
 from eu_jax.convert.hf_import import import_checkpoint
-from eu_jax.generate import SamplingConfig, bucket_length, generate
+from eu_jax.generate import SamplingConfig, bucket_length, filter_logits, generate
 from eu_jax.models import llama
 from eu_jax.models.state import build_decoder, params_shardings
 from eu_jax.parallel.mesh import make_mesh
@@ -138,6 +138,42 @@ def reference_distribution(logits: np.ndarray, temperature: float, top_k: int = 
         probs = np.where(np.isin(np.arange(len(probs)), nucleus), probs, 0.0)
         probs /= probs.sum()
     return probs
+
+
+def reference_kept(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> tuple[np.ndarray, bool]:
+    """One row's kept tokens by sorting in NumPy float64 (ties at a cut-off all kept), and whether the
+    nucleus edge is far enough from top_p that float32 sums cannot decide it the other way."""
+    z = logits.astype(np.float64) / temperature
+    order = np.argsort(-z, kind="stable")
+    keep = (z >= z[order[(top_k or len(z)) - 1]]) & np.isfinite(z)
+    if top_p >= 1:
+        return keep, True
+    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    probs /= probs.sum()
+    above = np.array([probs[z > value].sum() for value in z])  # mass strictly above each token
+    keep &= above < top_p
+    return keep, bool(np.abs(above[np.isfinite(z)] - top_p).min() > 1e-5)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 7, 1.0), (1.0, 0, 0.8), (1.3, 40, 0.5), (1.0, 1, 0.3)])
+def test_filter_logits_keeps_what_sorting_keeps(temperature, top_k, top_p):
+    # Logits on a coarse grid (many ties at every cut-off), a wide range, and some tokens already at -inf.
+    rng = np.random.default_rng(3)
+    logits = np.round(rng.normal(0, 3, (64, 500)) * 4) / 4
+    logits[:, rng.choice(500, 50, replace=False)] = -np.inf
+    logits[0] = 2.0  # all tied
+    logits = logits.astype(np.float32)
+    filtered = np.asarray(
+        jax.jit(filter_logits)(logits, np.float32(temperature), np.int32(top_k), np.float32(top_p))
+    )
+    checked = 0
+    for row, got in zip(logits, filtered):
+        want, clear = reference_kept(row, temperature, top_k, top_p)
+        if clear:
+            np.testing.assert_array_equal(np.isfinite(got), want)
+            np.testing.assert_allclose(got[want], row[want] / np.float32(temperature), rtol=1e-6)
+            checked += 1
+    assert checked >= 48
 
 
 def chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
