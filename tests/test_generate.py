@@ -264,6 +264,17 @@ def test_eight_device_mesh_gives_the_single_device_tokens(tiny, cache_reads):
     assert greedy(sharded, PROMPTS, eos_token_ids=[2], mesh=mesh).completions == expected
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (20, 0.9)], ids=["unfiltered", "top_k_and_top_p"])
+def test_eight_device_mesh_samples_the_single_device_tokens(tiny, top_k, top_p):
+    # The cut-off searches and the draw run on sharded logits: same keys per (seed, step, row), same tokens.
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    params, _ = load_params(tiny.ckpt, params_shardings(tiny.config, mesh))
+    sampling = SamplingConfig(NEW_TOKENS, temperature=1.0, top_k=top_k, top_p=top_p, seed=3)
+    expected = generate(tiny.decoder, PROMPTS, sampling).tokens
+    assert generate(build_decoder(tiny.config, params), PROMPTS, sampling, mesh=mesh).tokens == expected
+    assert expected != greedy(tiny.decoder, PROMPTS).tokens
+
+
 # ----------------------------------------------------------------------------------------- command line
 
 
