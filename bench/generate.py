@@ -131,9 +131,21 @@ def load_models(workdir: Path):
     return decoders, reference, tokenizer
 
 
-def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
+def chat_prompts(tokenizer, batch: int) -> tuple:
+    """The first `batch` questions as chat-templated token ids, and the same left-padded (ids, mask)."""
     turns = [[{"role": "user", "content": q}] for q in QUESTIONS[:batch]]
-    return [list(tokenizer.apply_chat_template(t, add_generation_prompt=True, return_dict=False)) for t in turns]
+    prompts = [list(tokenizer.apply_chat_template(t, add_generation_prompt=True, return_dict=False)) for t in turns]
+    return prompts, *left_pad(prompts, tokenizer.pad_token_id)
+
+
+def transformers_new_tokens(reference, ids, mask, pad_id: int, new_tokens: int, **sampling) -> list[list[int]]:
+    """transformers' `generate` on the left-padded batch: each row's new tokens."""
+    with torch.no_grad():
+        out = reference.generate(
+            torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask),
+            max_new_tokens=new_tokens, pad_token_id=pad_id, **sampling,
+        )
+    return out[:, ids.shape[1] :].tolist()
 
 
 def alternate(runners: dict[str, Callable[[], object]], runs: int, label: str) -> dict[str, list[float]]:
@@ -147,20 +159,14 @@ def alternate(runners: dict[str, Callable[[], object]], runs: int, label: str) -
 
 
 def measure(decoders, reference, tokenizer, batch: int, new_tokens: int, runs: int) -> Row:
-    prompts = chat_prompts(tokenizer, batch)
+    prompts, ids, mask = chat_prompts(tokenizer, batch)
     pad_id = tokenizer.pad_token_id
-    ids, mask = left_pad(prompts, pad_id)
 
     def ours(decoder) -> Callable[[int], list[list[int]]]:
         return lambda tokens=new_tokens: generate(decoder, prompts, SamplingConfig(max_new_tokens=tokens), pad_id=pad_id).tokens
 
     def theirs(tokens: int = new_tokens) -> list[list[int]]:
-        with torch.no_grad():
-            out = reference.generate(
-                torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask), do_sample=False,
-                max_new_tokens=tokens, pad_token_id=pad_id,
-            )
-        return out[:, ids.shape[1] :].tolist()
+        return transformers_new_tokens(reference, ids, mask, pad_id, tokens, do_sample=False)
 
     threads = fastest_torch_threads(lambda: theirs(8))
     runners = {name: ours(decoder) for name, decoder in decoders.items()}
@@ -188,22 +194,14 @@ def measure(decoders, reference, tokenizer, batch: int, new_tokens: int, runs: i
 
 def measure_sampled(decoder, reference, tokenizer, batch: int, new_tokens: int, runs: int) -> list[SampledRow]:
     """Sampled decoding, eu_jax against transformers (torch threads as the greedy rows chose), per setting."""
-    prompts = chat_prompts(tokenizer, batch)
+    prompts, ids, mask = chat_prompts(tokenizer, batch)
     pad_id = tokenizer.pad_token_id
-    ids, mask = left_pad(prompts, pad_id)
     seeds = itertools.count(1)  # a new seed per call: each call samples anew, as eu-selfgen's batches do
 
     def runners(knobs: dict) -> dict[str, Callable[[], object]]:
-        def theirs() -> object:
-            with torch.no_grad():
-                return reference.generate(
-                    torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask), do_sample=True,
-                    max_new_tokens=new_tokens, pad_token_id=pad_id, **knobs,
-                )
-
         return {
             "eu_jax": lambda: generate(decoder, prompts, SamplingConfig(new_tokens, seed=next(seeds), **knobs), pad_id=pad_id),
-            "transformers": theirs,
+            "transformers": lambda: transformers_new_tokens(reference, ids, mask, pad_id, new_tokens, do_sample=True, **knobs),
         }
 
     rows = []

@@ -121,28 +121,11 @@ def test_seeds_reproduce_and_differ_and_rows_do_not_depend_on_the_batch(tiny):
     assert sample(7, [PROMPTS[0], PROMPTS[2], PROMPTS[1]])[0] == first[0]
 
 
-def reference_distribution(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
-    """Next-token probabilities in NumPy float64: softmax(logits / T) cut to the top k, then to the nucleus."""
-    z = logits.astype(np.float64) / temperature
-    probs = np.exp(z - z.max())
-    probs /= probs.sum()
-    order = np.argsort(-probs, kind="stable")
-    keep = np.zeros(len(probs), bool)
-    keep[order[: top_k or len(probs)]] = True
-    probs = np.where(keep, probs, 0.0) / probs[keep].sum()
-    if top_p < 1.0:
-        ranked = probs[order]
-        above = np.cumsum(ranked) - ranked
-        nucleus = order[(above < top_p) & (ranked > 0)]
-        assert np.abs(above[: len(nucleus) + 1] - top_p).min() > 1e-3, "nucleus edge too close to call"
-        probs = np.where(np.isin(np.arange(len(probs)), nucleus), probs, 0.0)
-        probs /= probs.sum()
-    return probs
-
-
-def reference_kept(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> tuple[np.ndarray, bool]:
+def reference_kept(
+    logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0, margin: float = 1e-5
+) -> tuple[np.ndarray, bool]:
     """One row's kept tokens by sorting in NumPy float64 (ties at a cut-off all kept), and whether the
-    nucleus edge is far enough from top_p that float32 sums cannot decide it the other way."""
+    nucleus edge lies more than `margin` from top_p, so float32 sums cannot decide it the other way."""
     z = logits.astype(np.float64) / temperature
     order = np.argsort(-z, kind="stable")
     keep = (z >= z[order[(top_k or len(z)) - 1]]) & np.isfinite(z)
@@ -152,7 +135,16 @@ def reference_kept(logits: np.ndarray, temperature: float, top_k: int, top_p: fl
     probs /= probs.sum()
     above = np.array([probs[z > value].sum() for value in z])  # mass strictly above each token
     keep &= above < top_p
-    return keep, bool(np.abs(above[np.isfinite(z)] - top_p).min() > 1e-5)
+    return keep, bool(np.abs(above[np.isfinite(z)] - top_p).min() > margin)
+
+
+def reference_distribution(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """Next-token probabilities in NumPy float64: softmax(logits / T) cut to the top k, then to the nucleus."""
+    keep, clear = reference_kept(logits, temperature, top_k, top_p, margin=1e-3)
+    assert clear, "nucleus edge too close to call"
+    z = logits.astype(np.float64) / temperature
+    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    return probs / probs.sum()
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 7, 1.0), (1.0, 0, 0.8), (1.3, 40, 0.5), (1.0, 1, 0.3)])
@@ -255,23 +247,28 @@ def test_eos_and_stop_sequences_end_rows_independently(tiny):
 # ----------------------------------------------------------------------------------------- sharded
 
 
-def test_eight_device_mesh_gives_the_single_device_tokens(tiny, cache_reads):
+@pytest.fixture(scope="module")
+def sharded(tiny):
+    """The tiny model's params loaded straight into their shardings on an 8-device mesh: (mesh, decoder)."""
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     params, _ = load_params(tiny.ckpt, params_shardings(tiny.config, mesh))
     assert len(params["layers"]["mlp"]["up_proj"].sharding.device_set) == 8
-    sharded = build_decoder(tiny.config, params)
+    return mesh, build_decoder(tiny.config, params)
+
+
+def test_eight_device_mesh_gives_the_single_device_tokens(tiny, sharded, cache_reads):
+    mesh, decoder = sharded
     expected = greedy(tiny.decoder, PROMPTS, eos_token_ids=[2]).completions
-    assert greedy(sharded, PROMPTS, eos_token_ids=[2], mesh=mesh).completions == expected
+    assert greedy(decoder, PROMPTS, eos_token_ids=[2], mesh=mesh).completions == expected
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (20, 0.9)], ids=["unfiltered", "top_k_and_top_p"])
-def test_eight_device_mesh_samples_the_single_device_tokens(tiny, top_k, top_p):
+def test_eight_device_mesh_samples_the_single_device_tokens(tiny, sharded, top_k, top_p):
     # The cut-off searches and the draw run on sharded logits: same keys per (seed, step, row), same tokens.
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    params, _ = load_params(tiny.ckpt, params_shardings(tiny.config, mesh))
+    mesh, decoder = sharded
     sampling = SamplingConfig(NEW_TOKENS, temperature=1.0, top_k=top_k, top_p=top_p, seed=3)
     expected = generate(tiny.decoder, PROMPTS, sampling).tokens
-    assert generate(build_decoder(tiny.config, params), PROMPTS, sampling, mesh=mesh).tokens == expected
+    assert generate(decoder, PROMPTS, sampling, mesh=mesh).tokens == expected
     assert expected != greedy(tiny.decoder, PROMPTS).tokens
 
 
