@@ -299,11 +299,10 @@ def _generate_loop(
         # that memory matters more (large models on accelerators; not measured here) and steps slice as before.
         layers = model.layer_states() if jax.default_backend() == "cpu" else None
         batch, prompt_len = input_ids.shape
-        cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens, model.options.jnp_dtype)
-        out = model(input_ids, attention_mask, cache=_constrain_cache(cache, mesh), return_logits=False, layer_states=layers)
+        out = model.prefill(input_ids, attention_mask, prompt_len + max_new_tokens, return_logits=False)
         start = _Decoding(
             step=jnp.int32(0),
-            cache=out.cache,
+            cache=_constrain_cache(out.cache, mesh),
             history=jnp.full((batch, stops.width - 1 + max_new_tokens), -1, jnp.int32),
             done=~live,
             reason=jnp.full((batch,), _LENGTH, jnp.int32),

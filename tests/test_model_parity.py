@@ -200,29 +200,50 @@ def test_greedy_decoding_matches_transformers_generate(family):
 
 
 @pytest.mark.parametrize("spare_slots", [0, 20], ids=["full_cache", "cache_read_in_prefixes"])
-def test_one_token_cached_steps_match_transformers_logits(family, spare_slots, monkeypatch):
+@pytest.mark.parametrize(
+    "prefill", ["call", "prefill_scanned", "prefill_unrolled"], ids=["prompt_through_cache", "prefill", "prefill_unrolled"]
+)
+def test_one_token_cached_steps_match_transformers_logits(family, spare_slots, prefill, monkeypatch):
     """Prefill left-padded prompts, then feed the rest of the rows one token per step through the KV cache
     (the decoding path: one query per row); every step's logits against transformers' forward of the whole
-    padded sequence. Sequences of 12 run past Mistral's window of 5.
+    padded sequence. Sequences of 12 run past Mistral's window of 5. The prompts go in through `__call__`
+    with the cache, or through `Decoder.prefill` (the sampler's way: a forward without a cache, its layers
+    scanned or unrolled, whose keys and values then fill a new cache).
 
     With spare slots the cache is read in prefixes of 4 slots (`cache_prefixes`), so the steps cross prefix
-    boundaries; the spare slots hold NaN values, which any read of a slot past the prefix in use would carry
-    into the logits (a masked slot's zero probability times NaN is NaN)."""
+    boundaries; the spare slots hold NaN values (put there before the prompts' call, or after `prefill`), which
+    any read of a slot past the prefix in use would carry into the logits (a masked slot's zero probability
+    times NaN is NaN)."""
     monkeypatch.setattr(llama, "cache_prefixes", functools.partial(llama.cache_prefixes, multiple=1, min_slots=1))
     ids, mask, prompt = INPUT_IDS[:2], ATTENTION_MASK[:2], 5  # row 1 holds 4 padding tokens on the left
-    decoder = build_decoder(family.config, family.params)
+    decoder = build_decoder(family.config, family.params, RuntimeOptions(scan_layers=prefill != "prefill_unrolled"))
     seq = ids.shape[1]
-    cache = KVCache.init(family.config, 2, seq + spare_slots)
-    cache = cache.replace(v=tuple(v.at[:, :, seq:].set(jnp.nan) for v in cache.v))
-    out = decoder(jnp.asarray(ids[:, :prompt]), jnp.asarray(mask[:, :prompt]), cache=cache)
+
+    def spoil_spare_slots(cache: KVCache) -> KVCache:
+        return cache.replace(v=tuple(v.at[:, :, seq:].set(jnp.nan) for v in cache.v))
+
+    # Jitted, as the sampler runs them (op by op, the steps compiled thousands of small programs per test).
+    through_cache = jax.jit(lambda ids, mask, cache: decoder(ids, mask, cache=cache))
+    prompts = jnp.asarray(ids[:, :prompt]), jnp.asarray(mask[:, :prompt])
+    if prefill == "call":
+        out = through_cache(*prompts, spoil_spare_slots(KVCache.init(family.config, 2, seq + spare_slots)))
+    else:
+        out = jax.jit(decoder.prefill, static_argnums=2)(*prompts, seq + spare_slots)
+        out = out.replace(cache=spoil_spare_slots(out.cache))
     steps = [out.logits[:, -1]]
     for t in range(prompt, seq):
-        out = decoder(jnp.asarray(ids[:, t : t + 1]), jnp.asarray(mask[:, t : t + 1]), cache=out.cache)
+        out = through_cache(jnp.asarray(ids[:, t : t + 1]), jnp.asarray(mask[:, t : t + 1]), out.cache)
         steps.append(out.logits[:, 0])
     with torch.no_grad():
         theirs = family.hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
     ours = np.stack([np.asarray(s) for s in steps], axis=1)  # logits at positions prompt-1 .. 11
     np.testing.assert_allclose(ours, theirs[:, prompt - 1 :], atol=1e-4)
+
+
+def test_prefill_refuses_a_cache_shorter_than_its_prompts(family):
+    decoder = build_decoder(family.config, family.params)
+    with pytest.raises(ValueError, match="cache of 4 slots cannot hold prompts of 5 tokens"):
+        decoder.prefill(jnp.asarray(INPUT_IDS[:, :5]), jnp.asarray(ATTENTION_MASK[:, :5]), 4)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ Layout choices:
   every parameter has a logical axis per dimension for the sharding table.
 - Layer parameters are always stacked along a leading `layers` axis. `scan_layers` only decides
   whether a forward without a KV cache runs them under `lax.scan` or unrolled, so checkpoints never
-  differ. With a cache (sampling) the layers run unrolled, each with its own cache arrays.
+  differ. With a cache (sampling) the layers run unrolled, each with its own cache arrays, except in
+  `prefill`, which runs them as a forward without a cache and then fills the cache arrays.
 - Attention masks are built from slots and positions, which covers left/right padding, the KV
   cache (prefill and one-token steps) and sliding windows with one rule.
 """
@@ -367,13 +368,45 @@ class Decoder(nnx.Module):
         hidden_states = None
         if hidden_layers:
             hidden_states = jnp.stack([per_layer[i] for i in hidden_layers])
-        hidden = self.final_norm(x)
-        logits = self.logits(hidden) if return_logits else None
         new_cache = None
         if cache is not None:
             t = input_ids.shape[1]
             new_cache = KVCache(k=k_all, v=v_all, positions=inputs.key_positions, index=cache.index + t)
-        return DecoderOutput(logits=logits, hidden=hidden, hidden_states=hidden_states, cache=new_cache)
+        return self._output(x, return_logits, hidden_states, new_cache)
+
+    def prefill(
+        self, input_ids: jax.Array, attention_mask: jax.Array, slots: int, return_logits: bool = True
+    ) -> DecoderOutput:
+        """Run prompts into a new cache of `slots` slots (as `KVCache.init` makes it): their keys and values fill
+        slots 0..T-1 and decoding continues at slot T. Arguments as in __call__.
+
+        The same outputs and cache as `__call__` on an empty cache, but the layers run as in a forward
+        without a cache: one scanned layer program (with `scan_layers`) reading only the prompts' own keys.
+        Through `__call__`, each layer is traced and compiled on its own against every cache length a
+        step may read, which was half of a sampler's compilation (BENCHMARKS.md's generation findings)."""
+        batch, t = input_ids.shape
+        if slots < t:
+            raise ValueError(f"a cache of {slots} slots cannot hold prompts of {t} tokens")
+        inputs = self.prepare(input_ids, attention_mask)
+        x, keys, values, _ = self._run_layers(inputs.x, inputs.cos, inputs.sin, inputs.mask, None, False, keep_kv=True)
+        empty = KVCache.init(self.config, batch, slots, self.options.jnp_dtype)
+
+        def fill(cache_slots: jax.Array, prompt: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_update_slice(cache_slots, prompt.astype(cache_slots.dtype), (0,) * cache_slots.ndim)
+
+        cache = KVCache(
+            k=tuple(fill(empty_k, keys[i]) for i, empty_k in enumerate(empty.k)),
+            v=tuple(fill(empty_v, values[i]) for i, empty_v in enumerate(empty.v)),
+            positions=fill(empty.positions, inputs.key_positions),
+            index=jnp.asarray(t, jnp.int32),
+        )
+        return self._output(x, return_logits, None, cache)
+
+    def _output(self, x, return_logits, hidden_states, cache) -> DecoderOutput:
+        """The final norm and (optionally) the output head on the last layer's residual stream."""
+        hidden = self.final_norm(x)
+        logits = self.logits(hidden) if return_logits else None
+        return DecoderOutput(logits=logits, hidden=hidden, hidden_states=hidden_states, cache=cache)
 
     def prepare(
         self,
@@ -426,15 +459,17 @@ class Decoder(nnx.Module):
         """Output logits [..., vocab] of final-norm hidden states."""
         return jnp.einsum("...d,dv->...v", hidden, self.unembed_kernel())
 
-    def _run_layers(self, x, cos, sin, mask, cache, keep_hidden, layer_states=None):
-        """Apply every layer; returns (x, cache keys, cache values, residual stream per layer)."""
+    def _run_layers(self, x, cos, sin, mask, cache, keep_hidden, layer_states=None, keep_kv=False):
+        """Apply every layer; returns (x, keys, values, residual stream per layer). Keys and values come
+        per layer: the cache's with a cache, else each layer's own [B,K,T,H] when `keep_kv` (stacked along
+        a leading layers axis when scanned), else None."""
         graphdef, stacked = nnx.split(self.layers)
         if cache is not None:
             return self._run_cached_layers(graphdef, layer_states or self.layer_states(), x, cos, sin, mask, cache, keep_hidden)
 
         def layer_step(x, layer_state):
-            x, _, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, mask)
-            return constrain_batch(x)
+            x, k, v = nnx.merge(graphdef, layer_state)(x, cos, sin, mask)
+            return constrain_batch(x), (k, v) if keep_kv else (None, None)
 
         if self.options.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=_REMAT_POLICIES[self.options.remat])
@@ -442,17 +477,20 @@ class Decoder(nnx.Module):
         if self.options.scan_layers:
 
             def body(x, layer_state):
-                x = layer_step(x, layer_state)
-                return x, x if keep_hidden else None
+                x, kv = layer_step(x, layer_state)
+                return x, (x if keep_hidden else None, kv)
 
-            x_out, outputs = jax.lax.scan(body, x, stacked)
+            x_out, (outputs, (keys, values)) = jax.lax.scan(body, x, stacked)
             per_layer = None if outputs is None else jnp.concatenate([x[None], outputs])
         else:
-            per_layer = [x]
+            per_layer, kvs = [x], []
             for i in range(self.config.num_layers):
-                per_layer.append(layer_step(per_layer[-1], _layer_state(stacked, i)))
+                x, kv = layer_step(per_layer[-1], _layer_state(stacked, i))
+                per_layer.append(x)
+                kvs.append(kv)
             x_out = per_layer[-1]
-        return x_out, None, None, per_layer
+            keys, values = (tuple(kv[j] for kv in kvs) if keep_kv else None for j in range(2))
+        return x_out, keys, values, per_layer
 
     def _run_cached_layers(self, graphdef, layer_states, x, cos, sin, mask, cache, keep_hidden):
         """The layers unrolled over per-layer parameters, each writing its own arrays of the cache."""
