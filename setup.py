@@ -26,6 +26,8 @@ setup(
         # TOFU's ROUGE-L recall (with its stemmer), as the benchmark itself computes it.
         "rouge-score>=0.1.2,<0.2",
         "scipy>=1.11,<2",
+        # Bounds the persistent compilation cache (jax needs it for jax_compilation_cache_max_size).
+        "filelock>=3.12,<4",
     ],
     extras_require={
         # PyTorch reference models and export checks; 2.13.0 is the CPU build this project is tested with.

@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 from absl import app, flags, logging
 
+from eu_jax.compile_cache import enable_compilation_cache
+
 
 def one_line_errors(program: str) -> Callable[[list[str]], list[str]]:
     """A `flags_parser` for `absl.app.run` that reports flag errors as `program: error: ...`, exit 2."""
@@ -29,7 +31,8 @@ def run_config_command(
     program: str, config_flag: Any, body: Callable[[Any], int], errors: tuple[type[BaseException], ...] = (ValueError, OSError)
 ) -> None:
     """Run `body(config)` as the program: stray arguments and a missing --config are usage errors, `errors`
-    become `program: error: <message>` with exit 2, and orbax's per-file INFO logs are silenced."""
+    become `program: error: <message>` with exit 2, orbax's per-file INFO logs are silenced, and compiled
+    programs are kept on disk for the next run (`compile_cache`)."""
 
     def run(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)
@@ -37,6 +40,7 @@ def run_config_command(
             raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go through --config.section.key=value")
         if config_flag.value is None:
             raise app.UsageError("--config=path/to/config.py is required")
+        enable_compilation_cache()
         try:
             return body(config_flag.value)
         except errors as err:

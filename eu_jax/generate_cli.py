@@ -17,6 +17,7 @@ from typing import Any, Sequence, TextIO
 
 from jax.sharding import Mesh
 
+from eu_jax.compile_cache import enable_compilation_cache
 from eu_jax.convert.checkpoint import HF_FILES_DIR, load_model_meta, load_params, locate_params
 from eu_jax.generate import Completion, SamplingConfig, generate
 from eu_jax.models.llama import Decoder
@@ -193,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compilation_cache()
     try:
         return run(args)
     except (ValueError, OSError) as err:

@@ -38,6 +38,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 import eu_jax
+from eu_jax.compile_cache import enable_compilation_cache
 from eu_jax.files import write_json_atomic
 from eu_jax.generate import SamplingConfig, generate
 
@@ -609,6 +610,7 @@ def run(args: argparse.Namespace) -> SelfGenReport:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compilation_cache()
     try:
         report = run(args)
     except (ValueError, OSError) as err:

@@ -7,6 +7,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Commands run in-process (and their subprocesses) compile afresh: no persistent compilation cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 import jax  # noqa: E402
 

@@ -67,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
         out = export_checkpoint(args.ckpt, args.out, args.dtype, args.max_shard_size, not args.quiet)
         print(f"exported {args.ckpt} -> {out} ({args.dtype})")
         return 0
+    from eu_jax.compile_cache import enable_compilation_cache
     from eu_jax.convert.verify import DEFAULT_PROMPTS, verify_checkpoint
 
+    enable_compilation_cache()  # only verify compiles (a forward of the model)
     report = verify_checkpoint(args.source, args.ckpt, args.prompts or DEFAULT_PROMPTS)
     print(report)
     if report.passes(args.atol, args.max_kl):
