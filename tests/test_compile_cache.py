@@ -1,6 +1,7 @@
 """The persistent compilation cache of eu_jax's commands: `eu-generate` run twice in fresh processes, the
 second loading its sampler from disk (jax's own cache-hit log line) and printing the same answer; the
-folder it uses by default, and `JAX_COMPILATION_CACHE_DIR` moving it or turning it off."""
+folder it uses by default, `JAX_COMPILATION_CACHE_DIR` moving it or turning it off, and the folders it
+refuses (writable by others, or impossible to make) without stopping the command."""
 
 from __future__ import annotations
 
@@ -66,11 +67,16 @@ def test_second_run_loads_the_sampler_from_the_cache_and_answers_the_same(checkp
     assert cached_programs(tmp_path / "eu_jax_cache" / "xla") == programs  # nothing compiled again
 
 
-def default_folder(env: dict[str, str]) -> str:
+def enable_in_fresh_process(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """What `enable_compilation_cache` returns, then the cache bound jax holds, printed by a new process."""
     code = "from eu_jax.compile_cache import enable_compilation_cache as e; import jax; print(e(), jax.config.jax_compilation_cache_max_size)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout.strip()
+    return result
+
+
+def default_folder(env: dict[str, str]) -> str:
+    return enable_in_fresh_process(env).stdout.strip()
 
 
 def test_jax_compilation_cache_dir_moves_the_cache_or_turns_it_off(tmp_path):
@@ -84,3 +90,23 @@ def test_jax_compilation_cache_dir_moves_the_cache_or_turns_it_off(tmp_path):
 def test_turned_off_the_cache_writes_nothing(checkpoint, tmp_path):
     generate(checkpoint, command_env(tmp_path / "eu_jax_cache", JAX_COMPILATION_CACHE_DIR=""))
     assert not (tmp_path / "eu_jax_cache" / "xla").exists()
+
+
+def test_a_folder_others_may_write_to_is_not_used(tmp_path):
+    cache = tmp_path / "eu_jax_cache"
+    (cache / "xla").mkdir(parents=True)
+    (cache / "xla").chmod(0o777)
+    result = enable_in_fresh_process(command_env(cache))
+    assert result.stdout.strip() == "None -1", result.stderr[-2000:]
+    assert f"not using the compilation cache {cache / 'xla'}: other users may write to it" in result.stderr
+    (cache / "xla").chmod(0o755)
+    assert default_folder(command_env(cache)).startswith(f"{cache / 'xla'} ")
+
+
+def test_a_cache_folder_that_cannot_be_made_leaves_the_command_running(tmp_path):
+    blocker = tmp_path / "eu_jax_cache"
+    blocker.mkdir()
+    (blocker / "xla").write_text("a file where the folder would go")
+    result = enable_in_fresh_process(command_env(blocker))
+    assert result.stdout.strip() == "None -1", result.stderr[-2000:]
+    assert "eu_jax: no compilation cache:" in result.stderr and str(blocker / "xla") in result.stderr
