@@ -2,7 +2,7 @@
 
 A rerun of a command, or a workflow stage that builds a program an earlier stage or run already built (the
 evaluation suite's samplers, a method's train step in `make compare`), loads the executable instead of
-compiling it again: on CPU a SmolLM2 sampler's 6-7 s of compilation becomes ~0.5 s of loading, and on
+compiling it again: on CPU a SmolLM2 sampler's 6-7 s of compilation becomes ~0.4 s of loading, and on
 accelerators a large model's train step can take minutes to compile. The cache key covers the program, its
 shardings and devices, the jax/XLA versions and XLA's flags; XLA:CPU also refuses an executable built for a
 CPU with other instruction sets (it compiles afresh). A cached executable is code that runs as the user, so
@@ -19,7 +19,6 @@ import jax
 
 from eu_jax.assets import cache_dir
 
-DIR_VARIABLE = "JAX_COMPILATION_CACHE_DIR"  # jax's own setting, read by jax at import
 MAX_SIZE_VARIABLE = "JAX_COMPILATION_CACHE_MAX_SIZE"
 # Least recently used programs are dropped past this (a CPU sampler is ~0.4 MB, accelerator steps tens of MB).
 DEFAULT_MAX_BYTES = 4 * 2**30
@@ -30,9 +29,7 @@ def enable_compilation_cache() -> str | None:
     unless `JAX_COMPILATION_CACHE_DIR` is set: then jax already uses that folder, and an empty value turns
     the cache off. A default folder that other users may write to is refused (its programs would run as
     code here). Returns the folder in use, or None when the cache is off."""
-    if DIR_VARIABLE in os.environ:
-        return os.environ[DIR_VARIABLE] or None
-    chosen = jax.config.jax_compilation_cache_dir  # set in code by whoever embeds eu_jax
+    chosen = jax.config.jax_compilation_cache_dir  # None unless the variable or the embedding code set it
     if chosen is not None:
         return chosen or None
     try:

@@ -8,8 +8,6 @@ from typing import Any, Callable
 
 from absl import app, flags, logging
 
-from eu_jax.compile_cache import enable_compilation_cache
-
 
 def one_line_errors(program: str) -> Callable[[list[str]], list[str]]:
     """A `flags_parser` for `absl.app.run` that reports flag errors as `program: error: ...`, exit 2."""
@@ -40,6 +38,8 @@ def run_config_command(
             raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go through --config.section.key=value")
         if config_flag.value is None:
             raise app.UsageError("--config=path/to/config.py is required")
+        from eu_jax.compile_cache import enable_compilation_cache  # imports jax: not for --help or flag errors
+
         enable_compilation_cache()
         try:
             return body(config_flag.value)

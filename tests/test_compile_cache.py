@@ -25,9 +25,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 def checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("compile_cache")
     save_hf_model("llama", root / "hf")
-    tokenizer = save_char_tokenizer(root / "hf")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(root / "hf")
+    save_char_tokenizer(root / "hf", CHAT_TEMPLATE)
     return import_checkpoint(root / "hf", root / "ckpt", progress=False)
 
 

@@ -39,9 +39,7 @@ def tiny(tmp_path_factory):
     """A tiny random Llama with a char tokenizer and chat template, imported into an eu_jax checkpoint."""
     root = tmp_path_factory.mktemp("generate")
     hf = save_hf_model("llama", root / "hf")
-    tokenizer = save_char_tokenizer(root / "hf")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(root / "hf")
+    tokenizer = save_char_tokenizer(root / "hf", CHAT_TEMPLATE)
     import_checkpoint(root / "hf", root / "ckpt", progress=False)
     params, meta = load_params(root / "ckpt")
     return SimpleNamespace(

@@ -35,9 +35,7 @@ BASE = SelfGenConfig(num_samples=10, batch_size=4, max_new_tokens=NEW, max_promp
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("selfgen")
     save_hf_model("llama", root / "hf")
-    tokenizer = save_char_tokenizer(root / "hf")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(root / "hf")
+    tokenizer = save_char_tokenizer(root / "hf", CHAT_TEMPLATE)
     import_checkpoint(root / "hf", root / "ckpt", progress=False)
     params, meta = load_params(root / "ckpt")
     return SimpleNamespace(root=root, ckpt=root / "ckpt", tokenizer=tokenizer, model=build_decoder(meta.config, params))

@@ -153,9 +153,7 @@ def small(request, tmp_path_factory):
     """A random tied or untied model with the chat character tokenizer and the token added."""
     root = tmp_path_factory.mktemp(request.param)
     save_hf_model(request.param, root / "hf")
-    tokenizer = save_char_tokenizer(root / "hf")
-    tokenizer.chat_template = QA_TEMPLATE
-    tokenizer.save_pretrained(root / "hf")
+    save_char_tokenizer(root / "hf", QA_TEMPLATE)
     import_checkpoint(root / "hf", root / "ckpt", progress=False)
     return root, add_unlearning_token(root / "ckpt", root / "grown")
 

@@ -64,8 +64,9 @@ def save_hf_model(family: str, directory: Path, seed: int = 0, **overrides) -> t
 CHAR_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def save_char_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerFast:
-    """A character-level tokenizer (ids 0-3 special, then printable ASCII), saved like a real one."""
+def save_char_tokenizer(directory: Path, chat_template: str | None = None) -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer (ids 0-3 special, then printable ASCII), saved like a real one, with
+    `chat_template` if given."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
     vocab = {token: i for i, token in enumerate(CHAR_SPECIALS + [chr(c) for c in range(32, 127)])}
@@ -75,5 +76,6 @@ def save_char_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerFast
     wrapped = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+    wrapped.chat_template = chat_template
     wrapped.save_pretrained(directory)
     return wrapped
