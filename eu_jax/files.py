@@ -1,13 +1,49 @@
-"""Small file helpers shared by the commands: atomic results and provenance files, Python files loaded by path."""
+"""Small file helpers shared by the commands: atomic results and provenance files, Python files loaded by path,
+and the refusal of URLs where a local path is expected."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
+
+_URL = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
+# Config settings that name files or folders: these keys, and keys ending in _dir, _path or _checkpoint.
+_PATH_KEYS = frozenset({"path", "paths", "checkpoint", "base", "output", "workdir", "phrases"})
+_PATH_SUFFIXES = ("_dir", "_path", "_checkpoint")
+
+
+def _url_refusal(text: str) -> str:
+    return (
+        f"'{text}' is a URL, and eu_jax reads and writes local paths only (give a folder every host mounts at the "
+        "same path, e.g. a bucket through Cloud Storage FUSE or an NFS share)"
+    )
+
+
+def local_path(text: str) -> Path:
+    """An argparse type for path arguments: a URL (gs://, s3://, ...) is refused, where `Path` would silently
+    make 'gs://bucket/run' a local folder 'gs:/bucket/run'."""
+    if _URL.match(text):
+        raise argparse.ArgumentTypeError(_url_refusal(text))
+    return Path(text)
+
+
+def refuse_url_settings(settings: Mapping[str, Any], where: str = "config") -> None:
+    """Raise ValueError naming the first path setting of a config (as nested dicts) that holds a URL, so a run
+    stops before it writes anything instead of writing into a local folder named after the bucket."""
+    for key, value in settings.items():
+        name = f"{where}.{key}"
+        if isinstance(value, Mapping):
+            refuse_url_settings(value, name)
+        elif isinstance(value, str) and (key in _PATH_KEYS or key.endswith(_PATH_SUFFIXES)):
+            for item in value.split(","):  # `paths` and `phrases` may list several
+                if _URL.match(item):
+                    raise ValueError(f"{name}: {_url_refusal(item.strip())}")
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> Path:

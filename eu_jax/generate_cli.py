@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from eu_jax.compile_cache import enable_compilation_cache
 from eu_jax.convert.checkpoint import HF_FILES_DIR, load_model_meta, load_params, locate_params
+from eu_jax.files import local_path
 from eu_jax.generate import Completion, SamplingConfig, generate
 from eu_jax.models.llama import Decoder
 from eu_jax.models.state import build_decoder, params_shardings
@@ -33,7 +34,7 @@ class GenerateError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eu-generate", description=__doc__)
-    parser.add_argument("ckpt", type=Path, help="eu_jax params checkpoint, training run directory or step folder")
+    parser.add_argument("ckpt", type=local_path, help="eu_jax params checkpoint, training run directory or step folder")
     parser.add_argument(
         "--prompt", action="append", dest="prompts", default=[], help="prompt text (repeatable; all run as one batch)"
     )

@@ -39,7 +39,7 @@ import numpy as np
 
 import eu_jax
 from eu_jax.compile_cache import enable_compilation_cache
-from eu_jax.files import write_json_atomic
+from eu_jax.files import local_path, write_json_atomic
 from eu_jax.generate import SamplingConfig, generate
 
 UserTurns = Literal["empty", "generic", "seeds", "self"]
@@ -542,11 +542,11 @@ def save_arrow(jsonl_path: Path, out_dir: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eu-selfgen", description=__doc__.split("\n\n")[0])
-    parser.add_argument("ckpt", type=Path, help="eu_jax params checkpoint, training run directory or step folder")
-    parser.add_argument("out", type=Path, help="output JSONL (resumed if it exists with the same settings)")
+    parser.add_argument("ckpt", type=local_path, help="eu_jax params checkpoint, training run directory or step folder")
+    parser.add_argument("out", type=local_path, help="output JSONL (resumed if it exists with the same settings)")
     parser.add_argument("--num-samples", type=int, required=True)
     parser.add_argument("--user-turns", choices=USER_TURNS, default="generic")
-    parser.add_argument("--seed-instructions", type=Path, help="file with one seed instruction per line")
+    parser.add_argument("--seed-instructions", type=local_path, help="file with one seed instruction per line")
     parser.add_argument("--generic-prompt", default=SelfGenConfig.generic_prompt)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--max-prompt-tokens", type=int, default=64, help="--user-turns self: user turn length")
@@ -559,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--filter-keywords", default="", help="comma-separated; drops samples containing any")
     parser.add_argument("--retain", help="retain data (any pipeline format) for the similarity filter")
     parser.add_argument("--similarity-threshold", type=float, default=0.5)
-    parser.add_argument("--arrow", type=Path, help="also save the samples as a datasets folder here")
+    parser.add_argument("--arrow", type=local_path, help="also save the samples as a datasets folder here")
     parser.add_argument("--mesh", default="data=1,fsdp=-1", help="device mesh over this process's devices")
     parser.add_argument("--no-progress", action="store_true")
     return parser

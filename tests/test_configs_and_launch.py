@@ -15,7 +15,7 @@ import pytest
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from eu_jax.files import load_python_file
+from eu_jax.files import load_python_file, refuse_url_settings
 from eu_jax.models.config import RuntimeOptions
 from eu_jax.objectives.registry import Objective, available_terms, get_term
 from eu_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
@@ -190,6 +190,39 @@ def test_eu_train_itself_rejects_bad_overrides_before_any_work(override, key):
     assert "error: config.model.checkpoint" not in result.stderr  # stopped at the flags, not in training
 
 
+def test_path_settings_holding_urls_are_refused_naming_the_setting():
+    settings = {
+        "model": {"checkpoint": "/shared/ckpt", "name": "gs://not-a-path"},  # only settings that name files
+        "data": {"preferred_response": "https://example.org knows", "retain": {"path": "data/r.jsonl"}},
+        "retained": {"paths": "a.jsonl, gs://bucket/b.jsonl"},
+    }
+    with pytest.raises(ValueError, match=r"^config\.retained\.paths: 'gs://bucket/b\.jsonl' is a URL"):
+        refuse_url_settings(settings)
+    settings["retained"]["paths"] = "a.jsonl,b.jsonl"
+    refuse_url_settings(settings)
+    for key, value in [("output_dir", "s3://b/run"), ("reference_checkpoint", "hf://x/y"), ("workdir", " gs://b")]:
+        with pytest.raises(ValueError, match=f"^config\\.x\\.{key}: "):
+            refuse_url_settings({"x": {key: value}})
+
+
+@pytest.mark.parametrize("module, program", [("eu_jax.train.cli", "eu-train"), ("eu_jax.eval.cli", "eu-eval")])
+def test_config_commands_stop_at_a_url_before_writing_anything(tmp_path, module, program):
+    """pathlib reads 'gs://bucket/run' as the local folder 'gs:/bucket/run': a pod run would have written its
+    checkpoints onto each worker's own disk. The commands stop in one line instead, having written nothing."""
+    config = EXPERIMENT if program == "eu-train" else ROOT / "configs" / "eval.py"
+    setting = "train.output_dir" if program == "eu-train" else "output"
+    result = subprocess.run(
+        [sys.executable, "-m", module, f"--config={config}", f"--config.{setting}=gs://bucket/run"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"{program}: error: config.{setting}: 'gs://bucket/run' is a URL, and eu_jax reads and writes local paths "
+        "only (give a folder every host mounts at the same path, e.g. a bucket through Cloud Storage FUSE or an NFS share)"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- launch scripts -------------------------------------------------------------------------------------
 
 SCRIPTS = sorted(LAUNCH.rglob("*.sh"))
@@ -246,7 +279,7 @@ def test_help_exits_zero_with_usage(shell, script):
 
 
 def test_pod_run_starts_the_same_eu_train_on_every_worker(shell):
-    args = [CONFIG, "--config.train.output_dir=gs://bucket/run", "--config.data.preferred_response=I don't know."]
+    args = [CONFIG, "--config.train.output_dir=/mnt/shared/run", "--config.data.preferred_response=I don't know."]
     options = ["--dry-run", "--name=eu-test", "--zone=us-east5-a", "--project=proj"]
     words = _only_line(shell("tpu/pod.sh", *options, "run", *args))
     assert words[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "eu-test"]
@@ -254,6 +287,14 @@ def test_pod_run_starts_the_same_eu_train_on_every_worker(shell):
     remote = shlex.split(_option(words, "--command"))
     assert remote[:3] == ["cd", "eu_jax", "&&"]
     assert remote[remote.index("eu-train"):] == ["eu-train", *args]  # every argument arrives intact
+    assert remote[remote.index("eu-train") - 1] == "&&"  # no environment unless asked
+
+    settings = ["--env=JAX_COMPILATION_CACHE_DIR=/mnt/shared/xla", "--env=XLA_FLAGS=--a=1 --b=2"]
+    words = _only_line(shell("tpu/pod.sh", *options, *settings, "run", *args))
+    remote = shlex.split(_option(words, "--command"))
+    assert remote[remote.index("env"):] == [
+        "env", "JAX_COMPILATION_CACHE_DIR=/mnt/shared/xla", "XLA_FLAGS=--a=1 --b=2", "eu-train", *args
+    ]
 
 
 def test_pod_lifecycle_commands(shell):
@@ -291,6 +332,7 @@ def test_pod_lifecycle_commands(shell):
         (["--dry-run", "--zone=z", "run"], "run needs eu-train arguments"),
         (["--dry-run", "--zone=z", "--accelerator=v6e-8", "create"], "--runtime-version"),
         (["--zone=z", "--dry-run", "--bogus", "create"], "unknown option '--bogus'"),
+        (["--dry-run", "--zone=z", "--env=2FAST=1", "run", CONFIG], "--env takes NAME=VALUE, not '2FAST=1'"),
     ],
 )
 def test_pod_errors_say_what_is_missing(shell, args, message):

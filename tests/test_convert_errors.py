@@ -102,6 +102,17 @@ def test_cli_reports_one_line_and_exit_code_2(hf_dir, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("eu-convert import: error: missing tensor model.norm.weight")
 
 
+@pytest.mark.parametrize("argv", [["import", "gs://bucket/model", "OUT"], ["export", "CKPT", "s3://bucket/hf"]])
+def test_cli_refuses_urls_instead_of_writing_a_local_folder_named_after_them(tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "CKPT").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        eu_convert(argv)
+    url = next(a for a in argv if "://" in a)
+    assert stopped.value.code == 2 and f"error: argument {'src' if argv[0] == 'import' else 'out'}: '{url}' is a URL" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CKPT"]
+
+
 def test_cli_export_of_a_non_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert eu_convert(["export", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2

@@ -2,8 +2,8 @@
 over every chip, bf16 compute, fp32 master weights, but with 16 GB HBM per chip instead of 95, so
 activations are always rematerialised (only each layer's input is kept).
 
-Multislice: --config.mesh.dcn_data=<number of slices>. train.output_dir on gs://; data.batch_size a
-multiple of the chip count.
+Multislice: --config.mesh.dcn_data=<number of slices>. train.output_dir and the checkpoint on storage
+every worker mounts; data.batch_size a multiple of the chip count.
 """
 
 

@@ -4,8 +4,8 @@ the MXUs, fp32 master weights and Adam state (95 GB HBM per chip).
 Several slices over the data-centre network (multislice): keep fsdp=-1 inside each slice and add
 --config.mesh.dcn_data=<number of slices>, so only gradient all-reduces cross the slower DCN.
 
-Every worker writes its own checkpoint shards: train.output_dir must be storage all workers see
-(gs://bucket/...). data.batch_size must be a multiple of the chip count (the batch is split over
+Every worker writes its own checkpoint shards: train.output_dir must be storage all workers mount at
+the same path (NFS, or a bucket through Cloud Storage FUSE). data.batch_size must be a multiple of the chip count (the batch is split over
 data x fsdp).
 """
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from pathlib import Path
 from typing import Sequence
+
+from eu_jax.files import local_path
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -25,21 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     imp = sub.add_parser("import", help="HF directory (safetensors) or .gguf file -> eu_jax checkpoint")
-    imp.add_argument("src", type=Path, help="Hugging Face model directory or .gguf file")
-    imp.add_argument("out", type=Path, help="new eu_jax checkpoint directory")
+    imp.add_argument("src", type=local_path, help="Hugging Face model directory or .gguf file")
+    imp.add_argument("out", type=local_path, help="new eu_jax checkpoint directory")
     imp.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     imp.add_argument("--mesh", default="data=1,fsdp=-1", help="device mesh the params are placed on, e.g. fsdp=-1,tensor=2")
     imp.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin pickles (they can run code)")
 
     exp = sub.add_parser("export", help="eu_jax checkpoint (params or train state) -> HF directory")
-    exp.add_argument("ckpt", type=Path, help="eu_jax params checkpoint, training run directory or step folder")
-    exp.add_argument("out", type=Path, help="new Hugging Face model directory")
+    exp.add_argument("ckpt", type=local_path, help="eu_jax params checkpoint, training run directory or step folder")
+    exp.add_argument("out", type=local_path, help="new Hugging Face model directory")
     exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     exp.add_argument("--max-shard-size", type=parse_size, default="5GB", help="safetensors shard size (default 5GB)")
 
     ver = sub.add_parser("verify", help="compare an eu_jax checkpoint with transformers' PyTorch model")
-    ver.add_argument("source", type=Path, help="the Hugging Face directory or .gguf file it came from")
-    ver.add_argument("ckpt", type=Path, help="eu_jax checkpoint")
+    ver.add_argument("source", type=local_path, help="the Hugging Face directory or .gguf file it came from")
+    ver.add_argument("ckpt", type=local_path, help="eu_jax checkpoint")
     ver.add_argument("--prompt", action="append", dest="prompts", help="prompt to compare on (repeatable)")
     ver.add_argument("--atol", type=float, default=1e-2, help="largest allowed |logit difference|")
     ver.add_argument("--max-kl", type=float, default=1e-5, help="largest allowed mean KL per token")

@@ -12,6 +12,7 @@ PROJECT="${PROJECT:-}"
 RUNTIME_VERSION="${RUNTIME_VERSION:-}"
 REPO_URL="${REPO_URL:-}"
 REMOTE_DIR="${REMOTE_DIR:-eu_jax}"
+RUN_ENV=()  # NAME=VALUE settings for eu-train on every worker (--env)
 
 usage() {
   cat <<'EOF_USAGE'
@@ -36,20 +37,24 @@ Options (or the environment variable in capitals):
                             v2-alpha-tpuv5 for v5p, v2-alpha-tpuv5-lite for v5e)
   --repo-url=URL            install from this git URL instead of copying (REPO_URL)
   --remote-dir=DIR          repository folder on the workers, relative to home (REMOTE_DIR, default eu_jax)
+  --env=NAME=VALUE          set an environment variable for `run` on every worker (repeatable), e.g.
+                            JAX_COMPILATION_CACHE_DIR=/mnt/shared/xla (a compilation cache all workers
+                            read), LIBTPU_INIT_ARGS=... or XLA_FLAGS=...
   --dry-run                 print every command instead of running it
   -h, --help                this text
 
-On a pod every worker writes its own checkpoint shards: give --config.train.output_dir (and the
-model checkpoint) as gs:// paths every worker can reach.
+On a pod every worker writes its own checkpoint shards and reads the model's: give --config.train.output_dir
+and the model checkpoint as paths on storage every worker mounts at the same place (a Filestore / NFS share,
+or a bucket through Cloud Storage FUSE); eu_jax does not read or write gs:// URLs itself.
 
 Example:
   launch/tpu/pod.sh --zone=us-east5-a --accelerator=v5p-32 create
   launch/tpu/pod.sh --zone=us-east5-a install
   launch/tpu/pod.sh --zone=us-east5-a run \
     --config=configs/experiment.py:model=llama3_1_8b,method=eu,hardware=tpu_v5p \
-    --config.model.checkpoint=gs://BUCKET/ckpt/llama3_1_8b --config.data.retain.path=data/retain.jsonl \
-    --config.data.forget.path=data/forget.jsonl --config.train.output_dir=gs://BUCKET/runs/llama8b_eu
-  launch/tpu/pod.sh --zone=us-east5-a logs gs://BUCKET/runs/llama8b_eu runs/
+    --config.model.checkpoint=/mnt/shared/ckpt/llama3_1_8b --config.data.retain.path=data/retain.jsonl \
+    --config.data.forget.path=data/forget.jsonl --config.train.output_dir=/mnt/shared/runs/llama8b_eu
+  launch/tpu/pod.sh --zone=us-east5-a logs /mnt/shared/runs/llama8b_eu runs/
   launch/tpu/pod.sh --zone=us-east5-a delete
 EOF_USAGE
 }
@@ -65,6 +70,10 @@ while (($#)); do
     --runtime-version=*) RUNTIME_VERSION="${1#*=}" ;;
     --repo-url=*) REPO_URL="${1#*=}" ;;
     --remote-dir=*) REMOTE_DIR="${1#*=}" ;;
+    --env=*)
+      [[ "${1#*=}" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env takes NAME=VALUE, not '${1#*=}'"
+      RUN_ENV+=("${1#*=}")
+      ;;
     -*) die "unknown option '$1' (options go before the command; see -h)" ;;
     *) break ;;
   esac
@@ -116,7 +125,9 @@ case "$COMMAND" in
     ;;
   run)
     (($#)) || die "run needs eu-train arguments, e.g. --config=configs/experiment.py:hardware=tpu_v5p ..."
-    on_all_workers "cd $dir && $user_path && $(quoted eu-train "$@")"
+    train=(eu-train "$@")
+    ((${#RUN_ENV[@]} == 0)) || train=(env "${RUN_ENV[@]}" "${train[@]}")
+    on_all_workers "cd $dir && $user_path && $(quoted "${train[@]}")"
     ;;
   logs)
     (($#)) || die "logs needs the run's output directory"
