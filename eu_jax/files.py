@@ -16,34 +16,40 @@ _URL = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
 # Config settings that name files or folders: these keys, and keys ending in _dir, _path or _checkpoint.
 _PATH_KEYS = frozenset({"path", "paths", "checkpoint", "base", "output", "workdir", "phrases"})
 _PATH_SUFFIXES = ("_dir", "_path", "_checkpoint")
+_LIST_KEYS = frozenset({"paths"})  # comma-separated paths
 
 
 def _url_refusal(text: str) -> str:
     return (
-        f"'{text}' is a URL, and eu_jax reads and writes local paths only (give a folder every host mounts at the "
-        "same path, e.g. a bucket through Cloud Storage FUSE or an NFS share)"
+        f"'{text.strip()}' is a URL, and eu_jax reads and writes local paths only (give a folder every host mounts "
+        "at the same path, e.g. a bucket through Cloud Storage FUSE or an NFS share)"
     )
 
 
 def local_path(text: str) -> Path:
-    """An argparse type for path arguments: a URL (gs://, s3://, ...) is refused, where `Path` would silently
-    make 'gs://bucket/run' a local folder 'gs:/bucket/run'."""
+    """An argparse type for path arguments: '~' is the home folder, and a URL (gs://, s3://, ...) is refused,
+    where `Path` would silently make 'gs://bucket/run' a local folder 'gs:/bucket/run'."""
     if _URL.match(text):
         raise argparse.ArgumentTypeError(_url_refusal(text))
-    return Path(text)
+    return Path(text).expanduser()
 
 
-def refuse_url_settings(settings: Mapping[str, Any], where: str = "config") -> None:
-    """Raise ValueError naming the first path setting of a config (as nested dicts) that holds a URL, so a run
-    stops before it writes anything instead of writing into a local folder named after the bucket."""
-    for key, value in settings.items():
+def localize_path_settings(config: Any, where: str = "config") -> None:
+    """Make a config's path settings local paths, in place: '~' becomes the home folder (a shell leaves it as
+    it is in `--config.train.output_dir=~/runs`, which would make a folder named '~'), and a URL raises
+    ValueError naming the setting, so a run stops before it writes into a local folder named after a bucket."""
+    for key, value in list(config.items()):
         name = f"{where}.{key}"
-        if isinstance(value, Mapping):
-            refuse_url_settings(value, name)
+        if hasattr(value, "items"):  # a nested section
+            localize_path_settings(value, name)
         elif isinstance(value, str) and (key in _PATH_KEYS or key.endswith(_PATH_SUFFIXES)):
-            for item in value.split(","):  # `paths` and `phrases` may list several
+            items = value.split(",") if key in _LIST_KEYS else [value]
+            for item in items:
                 if _URL.match(item):
-                    raise ValueError(f"{name}: {_url_refusal(item.strip())}")
+                    raise ValueError(f"{name}: {_url_refusal(item)}")
+            local = ",".join(os.path.expanduser(item.strip()) for item in items) if key in _LIST_KEYS else os.path.expanduser(value)
+            if local != value:
+                config[key] = local
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> Path:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from absl import app, flags, logging
 
-from eu_jax.files import refuse_url_settings
+from eu_jax.files import localize_path_settings
 
 
 def one_line_errors(program: str) -> Callable[[list[str]], list[str]]:
@@ -32,8 +32,8 @@ def run_config_command(
 ) -> None:
     """Run `body(config)` as the program: stray arguments and a missing --config are usage errors, `errors`
     become `program: error: <message>` with exit 2, orbax's per-file INFO logs are silenced, and compiled
-    programs are kept on disk for the next run (`compile_cache`). A path setting holding a URL (gs://...) is
-refused before anything runs: the commands read and write local paths only."""
+    programs are kept on disk for the next run (`compile_cache`). Path settings are made local first ('~'
+    expanded; a URL such as gs://... refused before anything runs: the commands read and write local paths)."""
 
     def run(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)
@@ -45,7 +45,7 @@ refused before anything runs: the commands read and write local paths only."""
 
         enable_compilation_cache()
         try:
-            refuse_url_settings(config_flag.value.to_dict())
+            localize_path_settings(config_flag.value)
             return body(config_flag.value)
         except errors as err:
             print(f"{program}: error: {err}", file=sys.stderr)

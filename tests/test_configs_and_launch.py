@@ -15,7 +15,7 @@ import pytest
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from eu_jax.files import load_python_file, refuse_url_settings
+from eu_jax.files import load_python_file, localize_path_settings
 from eu_jax.models.config import RuntimeOptions
 from eu_jax.objectives.registry import Objective, available_terms, get_term
 from eu_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
@@ -197,12 +197,27 @@ def test_path_settings_holding_urls_are_refused_naming_the_setting():
         "retained": {"paths": "a.jsonl, gs://bucket/b.jsonl"},
     }
     with pytest.raises(ValueError, match=r"^config\.retained\.paths: 'gs://bucket/b\.jsonl' is a URL"):
-        refuse_url_settings(settings)
+        localize_path_settings(settings)
     settings["retained"]["paths"] = "a.jsonl,b.jsonl"
-    refuse_url_settings(settings)
+    localize_path_settings(settings)
     for key, value in [("output_dir", "s3://b/run"), ("reference_checkpoint", "hf://x/y"), ("workdir", " gs://b")]:
         with pytest.raises(ValueError, match=f"^config\\.x\\.{key}: "):
-            refuse_url_settings({"x": {key: value}})
+            localize_path_settings({"x": {key: value}})
+
+
+def test_path_settings_expand_the_home_folder_in_place(monkeypatch, tmp_path):
+    """A shell leaves '~' as it is after '--config.train.output_dir=', which would make a folder named '~'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = ConfigDict({
+        "train": {"output_dir": "~/runs/a", "steps": 3},
+        "retained": {"paths": "~/a.jsonl, b.jsonl"},
+        "data": {"preferred_response": "~/not a path", "retain": {"path": ""}},
+    })
+    config.lock()
+    localize_path_settings(config)
+    assert config.train.output_dir == f"{tmp_path}/runs/a" and config.train.steps == 3
+    assert config.retained.paths == f"{tmp_path}/a.jsonl,b.jsonl"
+    assert config.data.preferred_response == "~/not a path" and config.data.retain.path == ""
 
 
 @pytest.mark.parametrize("module, program", [("eu_jax.train.cli", "eu-train"), ("eu_jax.eval.cli", "eu-eval")])

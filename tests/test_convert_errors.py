@@ -11,6 +11,7 @@ import pytest
 import safetensors.numpy
 import torch
 
+from eu_jax.convert.cli import build_parser
 from eu_jax.convert.cli import main as eu_convert
 from eu_jax.convert.hf_import import import_checkpoint
 from eu_jax.convert.safetensors_io import WeightFormatError
@@ -111,6 +112,12 @@ def test_cli_refuses_urls_instead_of_writing_a_local_folder_named_after_them(tmp
     url = next(a for a in argv if "://" in a)
     assert stopped.value.code == 2 and f"error: argument {'src' if argv[0] == 'import' else 'out'}: '{url}' is a URL" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CKPT"]
+
+
+def test_cli_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["export", "~/run", "~/hf"])
+    assert (args.ckpt, args.out) == (tmp_path / "run", tmp_path / "hf")
 
 
 def test_cli_export_of_a_non_checkpoint(tmp_path, capsys):
