@@ -217,6 +217,14 @@ def retain_texts(path: str) -> list[str]:
     return texts
 
 
+def retain_setting(text: str) -> str:
+    """The retain set as the run records it: local data by its absolute path (a rerun from another folder
+    still resumes), a hub dataset by its name (made absolute, the name would read as a missing local path)."""
+    from eu_jax.data.sources import DataSpec, resolve
+
+    return text if resolve(DataSpec(text)).kind == "hub" else str(Path(text).expanduser().absolute())
+
+
 def normalize(text: str) -> str:
     """Lower case, whitespace runs collapsed: the dedup key and what the filters look at."""
     return re.sub(r"\s+", " ", text).strip().lower()
@@ -587,7 +595,7 @@ def run(args: argparse.Namespace) -> SelfGenReport:
         max_prompt_tokens=args.max_prompt_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, batch_size=args.batch_size, seed=args.seed, min_chars=args.min_chars,
         filter_keywords=tuple(k.strip() for k in args.filter_keywords.split(",") if k.strip()),
-        retain_path=str(Path(args.retain).absolute()) if args.retain else None,
+        retain_path=retain_setting(args.retain) if args.retain else None,
         similarity_threshold=args.similarity_threshold,
     )
     tokenizer = load_tokenizer(args.ckpt)

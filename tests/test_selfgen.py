@@ -21,6 +21,7 @@ from eu_jax.selfgen import (
     checkpoint_provenance,
     main,
     meta_path,
+    retain_setting,
     self_generate,
     shard_path,
 )
@@ -129,6 +130,15 @@ def test_keyword_and_similarity_filters_drop_matching_samples(tiny, reference, t
     report = run(tiny, tmp_path / "sim.jsonl", config)
     assert report.filtered_similarity == 3
     assert not {d["response"] for d in data[:3]} & {d["response"] for d in rows(tmp_path / "sim.jsonl")}
+
+
+def test_retain_sets_are_recorded_as_absolute_paths_and_hub_names_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "retain.jsonl").write_text('{"text": "x"}\n')
+    assert retain_setting("retain.jsonl") == str(tmp_path / "retain.jsonl")
+    assert retain_setting("org/retain_set") == "org/retain_set"  # resolved later as a hub dataset
+    with pytest.raises(ValueError, match="missing.jsonl: no such file"):
+        retain_setting("missing.jsonl")
 
 
 def test_ngram_similarity_ranks_overlap():
