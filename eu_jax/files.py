@@ -1,5 +1,5 @@
 """Small file helpers shared by the commands: atomic results and provenance files, Python files loaded by path,
-and the refusal of URLs where a local path is expected."""
+and path settings and arguments made local paths ('~' expanded, URLs refused)."""
 
 from __future__ import annotations
 
@@ -43,11 +43,10 @@ def localize_path_settings(config: Any, where: str = "config") -> None:
         if hasattr(value, "items"):  # a nested section
             localize_path_settings(value, name)
         elif isinstance(value, str) and (key in _PATH_KEYS or key.endswith(_PATH_SUFFIXES)):
-            items = value.split(",") if key in _LIST_KEYS else [value]
-            for item in items:
-                if _URL.match(item):
-                    raise ValueError(f"{name}: {_url_refusal(item)}")
-            local = ",".join(os.path.expanduser(item.strip()) for item in items) if key in _LIST_KEYS else os.path.expanduser(value)
+            items = [item.strip() for item in value.split(",")] if key in _LIST_KEYS else [value]
+            if url := next((item for item in items if _URL.match(item)), None):
+                raise ValueError(f"{name}: {_url_refusal(url)}")
+            local = ",".join(os.path.expanduser(item) for item in items)
             if local != value:
                 config[key] = local
 
