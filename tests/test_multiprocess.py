@@ -56,9 +56,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_two_processes(command_for) -> list[tuple[int, str]]:
+def run_two_processes(command_for, cwd_for=lambda pid: None) -> list[tuple[int, str]]:
     """(exit code, output) of two processes of one jax.distributed run; `command_for(pid, address)` gives
-    each one's command line. A run that hangs is killed and fails the test."""
+    each one's command line, `cwd_for(pid)` its working folder. A run that hangs is killed and fails the test."""
     address = f"127.0.0.1:{free_port()}"
     env = dict(
         os.environ,
@@ -68,7 +68,9 @@ def run_two_processes(command_for) -> list[tuple[int, str]]:
         PYTHONUNBUFFERED="1",
     )
     workers = [
-        subprocess.Popen(command_for(pid, address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        subprocess.Popen(
+            command_for(pid, address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd_for(pid)
+        )
         for pid in (0, 1)
     ]
     results = []
@@ -107,6 +109,35 @@ def test_two_processes_feed_their_own_shards_and_match_one(tmp_path):
     losses = [float(o.split("final loss ")[1].split()[0]) for o in outputs]
     assert losses[0] == losses[1] == pytest.approx(single.last_metrics["loss"], abs=1e-5)
     assert_trees_close(load_params(tmp_path / "multi" / "checkpoints")[0], load_params(tmp_path / "single" / "checkpoints")[0], atol=1e-5)
+
+
+def test_an_output_folder_the_processes_do_not_share_stops_both_before_any_work(tmp_path):
+    """Each process of a pod runs in its own host's folder: a relative train.output_dir would be a different
+    disk for each, and every checkpoint split over them. Here each process runs in a folder of its own."""
+    make_tiny_run(tmp_path / "data")
+    config_file = tmp_path / "config.py"
+    config_file.write_text(CONFIG_FILE.format(root=str(tmp_path / "data"), common=COMMON))
+    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    for host in hosts:
+        host.mkdir()
+
+    def command(pid, address):
+        return [
+            sys.executable, "-m", "eu_jax.train.cli", f"--config={config_file}", "--config.train.output_dir=runs/a",
+            f"--config.distributed.coordinator_address={address}", "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={pid}",
+        ]  # fmt: skip
+
+    results = run_two_processes(command, cwd_for=lambda pid: hosts[pid])
+    message = (
+        "eu-train: error: config.train.output_dir: 'runs/a' is not one folder for all 2 processes (process 1 cannot "
+        "read what process 0 wrote there), so every checkpoint would be split over the hosts' own disks"
+    )
+    for code, output in results:
+        assert code == 2 and message in output, output[-3000:]
+        assert "Traceback" not in output and "holds retain data shards" not in output  # stopped before the data
+    written = sorted(p.relative_to(tmp_path).as_posix() for host in hosts for p in host.rglob("*"))
+    assert written == ["host0/runs", "host0/runs/a"]  # the check's token removed again, nothing else written
 
 
 def test_bad_data_in_one_process_stops_both_with_clear_errors(tmp_path):

@@ -11,6 +11,7 @@ Both folders export directly: `eu-convert export OUTPUT/checkpoints hf_out`.
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,43 @@ import jax
 import orbax.checkpoint as ocp
 
 from eu_jax.convert.checkpoint import HF_FILES_DIR, ModelMeta, write_model_meta
+from eu_jax.data.batches import allgather_json
+from eu_jax.train.config import ConfigError
 from eu_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
 STATE_ITEM, CONFIG_ITEM = "state", "config"
+
+
+def require_shared_folder(folder: Path, setting: str) -> None:
+    """Every process of a multi-process run writes its own shards of each checkpoint under `folder`, and
+    process 0 finalises the checkpoint there: were `folder` each host's own disk (a relative path, a local
+    one), every checkpoint would be split over the hosts, restorable nowhere, and nothing would say so until
+    a restore. So process 0 leaves a fresh token in the folder and every process must read it back."""
+    if jax.process_count() == 1:
+        return
+    marker = Path(folder) / ".eu_jax_shared_folder_check"
+    token = None
+    if jax.process_index() == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(16)
+        marker.write_text(token)
+    token = allgather_json(token)[0]  # every process waits here until process 0 has written it
+    try:
+        seen = marker.read_text() == token
+    except OSError:
+        seen = False
+    seen_by = allgather_json(seen)  # and here until every process has looked
+    if jax.process_index() == 0:
+        marker.unlink(missing_ok=True)
+    blind = [process for process, ok in enumerate(seen_by) if not ok]
+    if blind:
+        raise ConfigError(
+            f"{setting}: '{folder}' is not one folder for all {len(seen_by)} processes (process "
+            f"{', '.join(map(str, blind))} cannot read what process 0 wrote there), so every checkpoint would be split "
+            "over the hosts' own disks; give a folder every host mounts at the same path (NFS, Cloud Storage FUSE)"
+        )
 
 
 def _write_side_files(directory: Path, meta: ModelMeta, hf_files: Path | None) -> None:

@@ -25,7 +25,7 @@ from eu_jax.objectives import Objective
 from eu_jax.parallel.distributed import DistributedSettings, initialize_distributed
 from eu_jax.parallel.mesh import mesh_from_config
 from eu_jax.parallel.sharding import activation_sharding, batch_sharding
-from eu_jax.train.checkpointing import RunCheckpoints
+from eu_jax.train.checkpointing import RunCheckpoints, require_shared_folder
 from eu_jax.train.config import ConfigError, config_to_json, data_shards, validate
 from eu_jax.train.evaluation import make_nll_eval
 from eu_jax.train.flops import peak_flops_per_device, step_flops
@@ -175,6 +175,7 @@ class _Run:
 def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.Device] | None) -> _Run:
     validate(config)
     initialize_distributed(DistributedSettings(**config.distributed))
+    require_shared_folder(Path(config.train.output_dir), "config.train.output_dir")
     mesh = mesh_from_config(config.mesh, devices)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_rows = config.data.batch_size // config.data.microbatches
