@@ -41,11 +41,11 @@ def run_config_command(
             raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go through --config.section.key=value")
         if config_flag.value is None:
             raise app.UsageError("--config=path/to/config.py is required")
-        from eu_jax.compile_cache import enable_compilation_cache  # imports jax: not for --help or flag errors
-
-        enable_compilation_cache()
         try:
             localize_path_settings(config_flag.value)
+            from eu_jax.compile_cache import enable_compilation_cache  # imports jax: not for --help or bad settings
+
+            enable_compilation_cache()
             return body(config_flag.value)
         except errors as err:
             print(f"{program}: error: {err}", file=sys.stderr)

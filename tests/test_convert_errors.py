@@ -103,15 +103,16 @@ def test_cli_reports_one_line_and_exit_code_2(hf_dir, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("eu-convert import: error: missing tensor model.norm.weight")
 
 
-@pytest.mark.parametrize("argv", [["import", "gs://bucket/model", "OUT"], ["export", "CKPT", "s3://bucket/hf"]])
-def test_cli_refuses_urls_instead_of_writing_a_local_folder_named_after_them(tmp_path, capsys, monkeypatch, argv):
+@pytest.mark.parametrize(
+    "argv, argument", [(["import", "gs://bucket/model", "OUT"], "src"), (["export", "CKPT", "s3://bucket/hf"], "out")]
+)
+def test_cli_refuses_urls_instead_of_writing_a_local_folder_named_after_them(tmp_path, capsys, monkeypatch, argv, argument):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "CKPT").mkdir()
     with pytest.raises(SystemExit) as stopped:
         eu_convert(argv)
     url = next(a for a in argv if "://" in a)
-    assert stopped.value.code == 2 and f"error: argument {'src' if argv[0] == 'import' else 'out'}: '{url}' is a URL" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CKPT"]
+    assert stopped.value.code == 2 and f"error: argument {argument}: '{url}' is a URL" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_paths_expand_the_home_folder(tmp_path, monkeypatch):
