@@ -11,5 +11,6 @@ def apply(config):
     config.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
     config.runtime.param_dtype = "float32"
     config.runtime.dtype = "bfloat16"
+    config.runtime.attention = "splash"  # fused flash attention (eu_jax/models/fused_attention.py)
     config.runtime.remat = "full"  # 16 GB per chip: overrides the model preset's lighter choice
     config.train.async_checkpointing = True

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "dots", "full")  # from most kept for the backward pass to least
+ATTENTION_KERNELS = ("xla", "splash")  # see RuntimeOptions.attention
 
 
 class UnsupportedModelError(ValueError):
@@ -102,11 +103,16 @@ class RuntimeOptions:
     remat: str = "dots"
     scan_layers: bool = True
     attention_block: int = 256  # queries per block of causal attention; 0 = every score in one product
+    # Forwards without a KV cache: "xla" the decoder's own attention (any backend), "splash" Pallas' fused
+    # flash-attention kernel (TPU; interpreted on CPU, for tests), for sequences a multiple of 128 tokens.
+    attention: str = "xla"
 
     def __post_init__(self) -> None:
         """Each message starts with the field's name, which a config's validation prefixes with its section."""
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat: '{self.remat}' is not one of {', '.join(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention: '{self.attention}' is not one of {', '.join(ATTENTION_KERNELS)}")
         if self.attention_block < 0:
             raise ValueError(f"attention_block: must be 0 (off) or a number of query tokens, got {self.attention_block}")
         for key in ("param_dtype", "dtype"):

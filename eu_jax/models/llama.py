@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eu_jax.models import fused_attention
 from eu_jax.models.config import ModelConfig, RuntimeOptions
 from eu_jax.models.rope import apply_rotary, inverse_frequencies, rotary_tables
 from eu_jax.parallel.sharding import constrain_batch, gather_replicated
@@ -79,7 +80,7 @@ class LayerInputs:
     x: jax.Array  # [batch, seq, embed]
     cos: jax.Array
     sin: jax.Array
-    mask: jax.Array  # [batch, seq, slots]
+    mask: jax.Array  # [batch, seq, slots]; or [batch, seq] segment ids when the fused kernel attends (uses_kernel)
     key_positions: jax.Array  # [batch, slots]: positions the keys hold (the cache's, with a cache)
 
 
@@ -125,6 +126,7 @@ class Attention(nnx.Module):
         self.has_qkv_bias, self.has_o_bias, self.has_qk_norm = config.qkv_bias, config.o_bias, config.qk_norm
         self.scale = h**-0.5
         self.block = options.attention_block
+        self.window = config.sliding_window
 
     def _project(self, x: jax.Array, kernel: nnx.Param, bias_name: str) -> jax.Array:
         y = dense(x, kernel[...].astype(self.dtype))
@@ -133,7 +135,8 @@ class Attention(nnx.Module):
         return y
 
     def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None):
-        """x [B,T,D]; mask [B,T,S]; with a cache, k/v_cache [B,K,S,H] get this step's keys at `index`.
+        """x [B,T,D]; mask [B,T,S] (or [B,T] segment ids for the fused kernel, `Decoder.prepare`); with a cache,
+        k/v_cache [B,K,S,H] get this step's keys at `index`.
 
         Keys and values are kept heads-first ([B,K,S,H]): the score and value products then read a cache in
         place, where a [B,S,K,H] cache was transposed whole in every decoding step."""
@@ -148,7 +151,9 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
         k, v = k.astype(self.dtype), v.astype(self.dtype)
-        if k_cache is None and 0 < self.block < q.shape[1]:
+        if mask.ndim == 2:
+            out = fused_attention.splash_attention(q, k, v, mask, self.scale, self.window)
+        elif k_cache is None and 0 < self.block < q.shape[1]:
             out = _block_causal_attention(q, k, v, mask, self.scale, self.block)
         elif k_cache is not None:
             out = _cached_attention(q, k, v, mask, self.scale, used_slots=index + q.shape[1])
@@ -433,9 +438,12 @@ class Decoder(nnx.Module):
         else:
             key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
             query_start = cache.index
-        mask = build_attention_mask(positions, key_positions, query_start, self.config.sliding_window)
-        if segment_ids is not None:
-            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        if cache is None and fused_attention.uses_kernel(self.options.attention, input_ids.shape[1]):
+            mask = fused_attention.kernel_segments(valid, segment_ids)
+        else:
+            mask = build_attention_mask(positions, key_positions, query_start, self.config.sliding_window)
+            if segment_ids is not None:
+                mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         inv_freq = inverse_frequencies(self.config.rope, self.config.head_dim)
         cos, sin = (constrain_batch(t) for t in rotary_tables(jnp.maximum(positions, 0), inv_freq, self.options.jnp_dtype))
         x = constrain_batch(jnp.take(gather_replicated(self.embed[...]), input_ids, axis=0).astype(self.options.jnp_dtype))

@@ -89,8 +89,13 @@ def activation_sharding(mesh: Mesh) -> Iterator[None]:
         _ACTIVATION_MESH.reset(token)
 
 
+def activation_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding`, if any (for code that must map over its devices)."""
+    return _ACTIVATION_MESH.get()
+
+
 def _constrain(x: jax.Array, spec: PartitionSpec) -> jax.Array:
-    mesh = _ACTIVATION_MESH.get()
+    mesh = activation_mesh()
     return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

@@ -1,0 +1,97 @@
+"""Causal attention through a fused kernel: Pallas' splash attention, TPU's flash attention with GQA and segments.
+
+The decoder's own attention (`llama._block_causal_attention`) writes every [T, S] score and probability of a
+block to memory, four bytes each, and reads them back in the softmax and the backward pass. At the sequence
+lengths pods train on (2,048 and up, 8 rows, 32 heads: GBs per layer) that traffic, not the products, sets
+the attention's time. A flash kernel keeps each tile of scores in on-chip memory, skips the tiles the causal
+mask and the segments leave empty, and saves only a log-sum-exp per query for its backward pass.
+
+What the kernel masks by: the causal order of slots, an optional sliding window (in slots), and one segment
+id per token (`kernel_segments`). Padding becomes a segment of its own, so a real token never sees padding
+and a padding token (which no loss reads) sees only padding, never an empty row.
+
+On CPU the kernel runs in Pallas' interpreter (the test suite checks it against transformers there); it is
+many times slower than the decoder's own attention, so the `cpu` preset keeps that.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec
+
+from eu_jax.parallel.sharding import BATCH_AXES, activation_mesh
+
+# Query and key tile sizes tried in order; a sequence none of them divides runs the decoder's own attention.
+SPLASH_BLOCKS = (512, 256, 128)
+
+
+def splash_block(length: int) -> int | None:
+    """The tile size splash attention uses for a `length`-token forward, or None when it cannot take it."""
+    return next((block for block in SPLASH_BLOCKS if length % block == 0), None)
+
+
+def uses_kernel(attention: str, length: int) -> bool:
+    """Whether a forward without a KV cache of `length` tokens attends through the fused kernel."""
+    return attention == "splash" and splash_block(length) is not None
+
+
+def kernel_segments(valid: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """[B,T] int32 ids the kernel masks by: 0 for padding, and each packed example's own id above it."""
+    ids = jnp.zeros(valid.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    return jnp.where(valid, ids + 1, 0)
+
+
+def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool):
+    """The kernel for `heads` query heads over `length` tokens, vectorised over rows. Built in each trace: it
+    holds its mask tables as arrays, which must not outlive the trace that made them."""
+    if window is None:
+        head_mask = splash_mask.CausalMask((length, length))
+    else:  # a query sees itself and the window - 1 slots before it
+        head_mask = splash_mask.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+    block = splash_block(length)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )
+    kernel = splash.make_splash_mha(
+        splash_mask.MultiHeadMask([head_mask] * heads), head_shards=1, q_seq_shards=1, block_sizes=sizes,
+        interpret=interpret,
+    )
+    return jax.vmap(kernel, in_axes=(0, 0, 0, splash.SegmentIds(q=0, kv=0)))
+
+
+def _check_backend() -> bool:
+    """Whether the kernel must run interpreted (on CPU); a GPU cannot run it at all."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        raise ValueError("runtime.attention: 'splash' is a TPU kernel and this process runs on GPUs; use 'xla'")
+    return backend != "tpu"
+
+
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, scale: float, window: int | None
+) -> jax.Array:
+    """Causal attention of q [B,T,N,H] over k, v [B,K,T,H] (heads-first), masked by `segments` [B,T] -> [B,T,N,H].
+
+    Inside a mesh (`activation_sharding`) each device runs the kernel on its own rows, and on its own heads
+    when the `tensor` axis divides the KV heads: a Pallas call is opaque to XLA's partitioner, which would
+    otherwise gather every row onto every device."""
+    interpret = _check_backend()
+    q = jnp.swapaxes(q, 1, 2) * jnp.asarray(scale, q.dtype)  # [B,N,T,H]; the kernel does not scale
+
+    def attend(q, k, v, segments):
+        kernel = _splash_kernel(q.shape[1], q.shape[2], window, interpret)
+        return kernel(q, k.astype(q.dtype), v.astype(q.dtype), splash.SegmentIds(q=segments, kv=segments))
+
+    mesh = activation_mesh()
+    if mesh is not None:
+        rows = BATCH_AXES if q.shape[0] % np.prod([mesh.shape[a] for a in BATCH_AXES]) == 0 else None
+        heads = "tensor" if k.shape[1] % mesh.shape["tensor"] == 0 else None
+        spec = PartitionSpec(rows, heads)
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(rows)), out_specs=spec,
+                               check_vma=False)
+    return jnp.swapaxes(attend(q, k, v, segments), 1, 2)
