@@ -10,14 +10,14 @@ import pytest
 import torch
 from jax.sharding import NamedSharding, PartitionSpec
 
-from eu_jax.convert.export import hf_tensors
 from eu_jax.models import fused_attention
 from eu_jax.models.config import RuntimeOptions
 from eu_jax.models.state import build_decoder, params_shardings
 from eu_jax.parallel.mesh import make_mesh
 from eu_jax.parallel.sharding import BATCH_AXES, DEFAULT_RULES, activation_sharding
-from eu_jax.tree_paths import get_path
-from tests.test_model_parity import imported_family
+from tests.test_model_parity import (
+    TokenBatch, assert_every_gradient_matches, eu_next_token_loss, imported_family, torch_next_token_loss,
+)
 
 SPLASH = RuntimeOptions(attention="splash")
 LENGTH = 128  # the kernel's smallest tile: shorter forwards run the decoder's own attention
@@ -27,10 +27,7 @@ INPUT_IDS = np.random.default_rng(1).integers(3, 256, size=(3, LENGTH))
 ATTENTION_MASK = np.ones((3, LENGTH), np.int64)
 ATTENTION_MASK[1, :40] = 0
 ATTENTION_MASK[2, 77:] = 0
-POSITIONS = np.clip(np.cumsum(ATTENTION_MASK, axis=1) - 1, 0, None)
-TARGETS = np.roll(INPUT_IDS, -1, axis=1)
-TARGET_WEIGHTS = (ATTENTION_MASK * np.roll(ATTENTION_MASK, -1, axis=1)).astype(np.float32)
-TARGET_WEIGHTS[:, -1] = 0
+BATCH = TokenBatch(INPUT_IDS, ATTENTION_MASK)
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen3", "smollm_tied_mqa"])
@@ -44,42 +41,15 @@ def llama(tmp_path_factory):
     return imported_family("llama", tmp_path_factory)
 
 
-def torch_loss_and_grads(model):
-    model.zero_grad(set_to_none=True)
-    logits = model(input_ids=torch.as_tensor(INPUT_IDS), attention_mask=torch.as_tensor(ATTENTION_MASK),
-                   position_ids=torch.as_tensor(POSITIONS)).logits
-    picked = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(TARGETS)[..., None])[..., 0]
-    loss = -(picked * torch.as_tensor(TARGET_WEIGHTS)).sum()
-    loss.backward()
-    grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    return logits.detach().numpy(), float(loss.detach()), grads
-
-
-def eu_loss_and_grads(family, options, params=None):
-    def loss(params):
-        decoder = build_decoder(family.config, params, options)
-        z = decoder(jnp.asarray(INPUT_IDS), jnp.asarray(ATTENTION_MASK)).logits
-        log_p = jnp.take_along_axis(jax.nn.log_softmax(z, -1), jnp.asarray(TARGETS)[..., None], axis=-1)[..., 0]
-        return -(log_p * TARGET_WEIGHTS).sum(), z
-
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(family.params if params is None else params)
-
-
 def test_splash_attention_matches_transformers(family):
-    """Logits at real tokens, the summed next-token NLL and every parameter's gradient (mapped to its Hugging
-    Face tensor by the export's key map), against transformers' eager attention."""
-    logits, torch_loss, torch_grads = torch_loss_and_grads(family.hf)
-    (value, ours), grads = eu_loss_and_grads(family, SPLASH)
+    """Logits at real tokens, the summed next-token NLL and every parameter's gradient, against transformers'
+    eager attention."""
+    logits, torch_loss, torch_grads = torch_next_token_loss(family.hf, BATCH)
+    (value, ours), grads = eu_next_token_loss(family, SPLASH, BATCH)
     valid = ATTENTION_MASK.astype(bool)
     assert np.abs(logits - np.asarray(ours))[valid].max() < 1e-4
     np.testing.assert_allclose(float(value), torch_loss, rtol=1e-5)
-    mapped = hf_tensors(lambda path: np.asarray(get_path(grads, path)), family.config, grads, np.float32)
-    ours = {tensor.name: tensor.load() for tensor in mapped}
-    assert set(ours) == set(torch_grads)
-    for name, expected in torch_grads.items():
-        scale = max(np.abs(expected).max(), 1e-3)
-        np.testing.assert_allclose(ours[name] / scale, expected / scale, atol=1e-4, err_msg=name)
+    assert_every_gradient_matches(family, grads, torch_grads)
 
 
 def test_packed_examples_attend_only_within_themselves(family):
@@ -105,7 +75,7 @@ def test_sharded_kernel_runs_on_each_devices_rows_and_heads(family):
     params = jax.device_put(family.params, params_shardings(family.config, mesh, SPLASH, rules))
     rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     ids, mask = (jax.device_put(jnp.asarray(np.concatenate([a, a[:1]])), rows) for a in (INPUT_IDS, ATTENTION_MASK))
-    targets, weights = np.concatenate([TARGETS, TARGETS[:1]]), np.concatenate([TARGET_WEIGHTS, TARGET_WEIGHTS[:1]])
+    targets, weights = (np.concatenate([a, a[:1]]) for a in (BATCH.targets, BATCH.target_weights))
 
     def loss(params, ids, mask):
         logits = build_decoder(family.config, params, SPLASH)(ids, mask).logits

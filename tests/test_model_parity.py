@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import dataclasses
 from types import SimpleNamespace
 
 import jax
@@ -28,7 +29,6 @@ INPUT_IDS = np.random.default_rng(0).integers(3, 256, size=(3, 12))
 ATTENTION_MASK = np.ones((3, 12), np.int64)
 ATTENTION_MASK[1, :4] = 0
 ATTENTION_MASK[2, 9:] = 0
-POSITIONS = np.clip(np.cumsum(ATTENTION_MASK, axis=1) - 1, 0, None)
 
 
 def hf_forward(model, **kwargs):
@@ -36,7 +36,7 @@ def hf_forward(model, **kwargs):
         return model(
             input_ids=torch.as_tensor(INPUT_IDS),
             attention_mask=torch.as_tensor(ATTENTION_MASK),
-            position_ids=torch.as_tensor(POSITIONS),
+            position_ids=torch.as_tensor(BATCH.positions),
             **kwargs,
         )
 
@@ -83,38 +83,67 @@ def test_layer_iteration_and_remat_give_the_same_logits(qwen3, options):
     np.testing.assert_allclose(np.asarray(eu_logits(qwen3, options).logits), reference, atol=1e-5)
 
 
-# Next-token targets and the weights of the positions whose target is a real token.
-TARGETS = np.roll(INPUT_IDS, -1, axis=1)
-TARGET_WEIGHTS = (ATTENTION_MASK * np.roll(ATTENTION_MASK, -1, axis=1)).astype(np.float32)
-TARGET_WEIGHTS[:, -1] = 0
+@dataclasses.dataclass(frozen=True)
+class TokenBatch:
+    """Rows of token ids with their padding, positions, next-token targets and the weights of the positions
+    whose target is a real token."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.clip(np.cumsum(self.attention_mask, axis=1) - 1, 0, None)
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.roll(self.input_ids, -1, axis=1)
+
+    @property
+    def target_weights(self) -> np.ndarray:
+        weights = (self.attention_mask * np.roll(self.attention_mask, -1, axis=1)).astype(np.float32)
+        weights[:, -1] = 0
+        return weights
 
 
-def torch_next_token_loss(model):
+BATCH = TokenBatch(INPUT_IDS, ATTENTION_MASK)
+
+
+def torch_next_token_loss(model, batch=BATCH):
     """transformers' logits, summed next-token NLL and every parameter's gradient (by HF name)."""
     model.zero_grad(set_to_none=True)
     logits = model(
-        input_ids=torch.as_tensor(INPUT_IDS),
-        attention_mask=torch.as_tensor(ATTENTION_MASK),
-        position_ids=torch.as_tensor(POSITIONS),
+        input_ids=torch.as_tensor(batch.input_ids),
+        attention_mask=torch.as_tensor(batch.attention_mask),
+        position_ids=torch.as_tensor(batch.positions),
     ).logits
-    picked = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(TARGETS)[..., None])[..., 0]
-    loss = -(picked * torch.as_tensor(TARGET_WEIGHTS)).sum()
+    picked = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(batch.targets)[..., None])[..., 0]
+    loss = -(picked * torch.as_tensor(batch.target_weights)).sum()
     loss.backward()
     grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     return logits.detach().numpy(), float(loss.detach()), grads
 
 
-def eu_next_token_loss(family, options):
+def eu_next_token_loss(family, options, batch=BATCH):
     """The same loss through eu_jax: (value, logits) and the params' gradients."""
 
     def loss(params):
         decoder = build_decoder(family.config, params, options)
-        z = decoder(jnp.asarray(INPUT_IDS), jnp.asarray(ATTENTION_MASK)).logits
-        log_p = jnp.take_along_axis(jax.nn.log_softmax(z, -1), jnp.asarray(TARGETS)[..., None], axis=-1)[..., 0]
-        return -(log_p * TARGET_WEIGHTS).sum(), z
+        z = decoder(jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)).logits
+        log_p = jnp.take_along_axis(jax.nn.log_softmax(z, -1), jnp.asarray(batch.targets)[..., None], axis=-1)[..., 0]
+        return -(log_p * batch.target_weights).sum(), z
 
-    return jax.value_and_grad(loss, has_aux=True)(family.params)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(family.params)
+
+
+def assert_every_gradient_matches(family, grads, torch_grads):
+    """Every parameter's gradient, mapped to its Hugging Face tensor by the export's key map, against autograd's."""
+    ours = {t.name: t.load() for t in hf_tensors(lambda path: np.asarray(get_path(grads, path)), family.config, grads, np.float32)}
+    assert set(ours) == set(torch_grads)
+    for name, expected in torch_grads.items():
+        scale = max(np.abs(expected).max(), 1e-3)
+        np.testing.assert_allclose(ours[name] / scale, expected / scale, atol=1e-4, err_msg=name)
 
 
 def test_block_causal_attention_matches_transformers(family):
@@ -136,11 +165,7 @@ def test_every_gradient_matches_transformers_under_each_remat_policy(qwen3, rema
     _, torch_loss, torch_grads = torch_next_token_loss(qwen3.hf)
     (value, _), grads = eu_next_token_loss(qwen3, RuntimeOptions(remat=remat, attention_block=5))
     np.testing.assert_allclose(float(value), torch_loss, rtol=1e-5)
-    ours = {t.name: t.load() for t in hf_tensors(lambda path: np.asarray(get_path(grads, path)), qwen3.config, grads, np.float32)}
-    assert set(ours) == set(torch_grads)
-    for name, expected in torch_grads.items():
-        scale = max(np.abs(expected).max(), 1e-3)
-        np.testing.assert_allclose(ours[name] / scale, expected / scale, atol=1e-4, err_msg=name)
+    assert_every_gradient_matches(qwen3, grads, torch_grads)
 
 
 def test_each_remat_policy_keeps_less_for_the_backward_pass(qwen3):
