@@ -52,6 +52,27 @@ def test_splash_attention_matches_transformers(family):
     assert_every_gradient_matches(family, grads, torch_grads)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_splash_gradients_match_transformers_under_other_remat_policies(llama, remat):
+    _, torch_loss, torch_grads = torch_next_token_loss(llama.hf, BATCH)
+    (value, _), grads = eu_next_token_loss(llama, RuntimeOptions(attention="splash", remat=remat), BATCH)
+    np.testing.assert_allclose(float(value), torch_loss, rtol=1e-5)
+    assert_every_gradient_matches(llama, grads, torch_grads)
+
+
+@pytest.mark.parametrize("remat, kept", [("dots", True), ("full", False)])
+def test_remat_dots_keeps_the_kernels_output_and_log_sum_exp(llama, capsys, remat, kept):
+    """So the backward pass runs only the kernel's gradient kernels, not its forward again: the output
+    [layers, B, N, T, H] and log-sum-exp [layers, B, N, T] are among the residuals the layer scan keeps."""
+    options = RuntimeOptions(attention="splash", remat=remat)
+    ids = jnp.asarray(INPUT_IDS)
+    jax.ad_checkpoint.print_saved_residuals(lambda p: build_decoder(llama.config, p, options)(ids).logits.sum(), llama.params)
+    saved = capsys.readouterr().out
+    layers, (rows, length), heads, head_dim = llama.config.num_layers, ids.shape, llama.config.num_heads, llama.config.head_dim
+    for shape in (f"f32[{layers},{rows},{heads},{length},{head_dim}]", f"f32[{layers},{rows},{heads},{length}]"):
+        assert (f"{shape} output of scan" in saved) == kept, saved
+
+
 def test_packed_examples_attend_only_within_themselves(family):
     """Two examples and padding packed into one 128-token row give each example's logits alone (transformers)."""
     first, second = INPUT_IDS[0, :50], INPUT_IDS[1, 40:100]

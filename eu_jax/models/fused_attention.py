@@ -27,6 +27,9 @@ from eu_jax.parallel.sharding import BATCH_AXES, activation_mesh
 
 # Query and key tile sizes tried in order; a sequence none of them divides runs the decoder's own attention.
 SPLASH_BLOCKS = (512, 256, 128)
+# The name of the kernel's output and log-sum-exp, which remat "dots" keeps so that the backward pass
+# does not run the forward kernel again (`llama._REMAT_POLICIES`).
+RESIDUALS = "fused_attention_residuals"
 
 
 def splash_block(length: int) -> int | None:
@@ -59,7 +62,7 @@ def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool)
     )
     kernel = splash.make_splash_mha(
         splash_mask.MultiHeadMask([head_mask] * heads), head_shards=1, q_seq_shards=1, block_sizes=sizes,
-        interpret=interpret,
+        residual_checkpoint_name=RESIDUALS, interpret=interpret,
     )
     return jax.vmap(kernel, in_axes=(0, 0, 0, splash.SegmentIds(q=0, kv=0)))
 

@@ -29,7 +29,11 @@ from eu_jax.parallel.sharding import constrain_batch, gather_replicated
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The matmul outputs, and the fused attention kernel's output and log-sum-exp (nothing else is named so).
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(fused_attention.RESIDUALS),
+    ),
 }
 
 
