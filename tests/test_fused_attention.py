@@ -10,6 +10,7 @@ import pytest
 import torch
 from jax.sharding import NamedSharding, PartitionSpec
 
+from eu_jax.generate import greedy_generate
 from eu_jax.models import fused_attention
 from eu_jax.models.config import RuntimeOptions
 from eu_jax.models.state import build_decoder, params_shardings
@@ -71,6 +72,20 @@ def test_remat_dots_keeps_the_kernels_output_and_log_sum_exp(llama, capsys, rema
     layers, (rows, length), heads, head_dim = llama.config.num_layers, ids.shape, llama.config.num_heads, llama.config.head_dim
     for shape in (f"f32[{layers},{rows},{heads},{length},{head_dim}]", f"f32[{layers},{rows},{heads},{length}]"):
         assert (f"{shape} output of scan" in saved) == kept, saved
+
+
+def test_greedy_decoding_after_a_splash_prefill_matches_transformers_generate(family):
+    """Prompts of 128 and 70 tokens (a bucket of 128, left-padded): the prompts' keys and values come from the
+    kernel's forward (`Decoder.prefill`), the new tokens from cached one-query steps."""
+    prompts = [INPUT_IDS[0].tolist(), INPUT_IDS[1, 58:].tolist()]
+    ours = greedy_generate(build_decoder(family.config, family.params, SPLASH), prompts, max_new_tokens=10, pad_id=0)
+    ids, mask = np.zeros((2, LENGTH), np.int64), np.zeros((2, LENGTH), np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, LENGTH - len(prompt):], mask[row, LENGTH - len(prompt):] = prompt, 1
+    with torch.no_grad():
+        generated = family.hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=10,
+                                       do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == generated[:, LENGTH:].tolist()
 
 
 def test_packed_examples_attend_only_within_themselves(family):
