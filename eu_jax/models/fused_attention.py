@@ -88,7 +88,7 @@ def splash_attention(
 
     def attend(q, k, v, segments):
         kernel = _splash_kernel(q.shape[1], q.shape[2], window, interpret)
-        return kernel(q, k.astype(q.dtype), v.astype(q.dtype), splash.SegmentIds(q=segments, kv=segments))
+        return kernel(q, k, v, splash.SegmentIds(q=segments, kv=segments))
 
     mesh = activation_mesh()
     if mesh is not None:
