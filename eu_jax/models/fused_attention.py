@@ -19,8 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec
 
 from eu_jax.parallel.sharding import BATCH_AXES, activation_mesh
@@ -49,8 +47,13 @@ def kernel_segments(valid: jax.Array, segment_ids: jax.Array | None) -> jax.Arra
 
 
 def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool):
-    """The kernel for `heads` query heads over `length` tokens, vectorised over rows. Built in each trace: it
-    holds its mask tables as arrays, which must not outlive the trace that made them."""
+    """The kernel for `heads` query heads over `length` tokens, vectorised over rows: a function of q, k, v and
+    the [rows, length] segment ids. Built in each trace: it holds its mask tables as arrays, which must not
+    outlive the trace that made them."""
+    # Imported here, not with the module: Pallas adds ~80 ms to the start of every command.
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
     if window is None:
         head_mask = splash_mask.CausalMask((length, length))
     else:  # a query sees itself and the window - 1 slots before it
@@ -64,7 +67,8 @@ def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool)
         splash_mask.MultiHeadMask([head_mask] * heads), head_shards=1, q_seq_shards=1, block_sizes=sizes,
         residual_checkpoint_name=RESIDUALS, interpret=interpret,
     )
-    return jax.vmap(kernel, in_axes=(0, 0, 0, splash.SegmentIds(q=0, kv=0)))
+    batched = jax.vmap(kernel, in_axes=(0, 0, 0, splash.SegmentIds(q=0, kv=0)))
+    return lambda q, k, v, segments: batched(q, k, v, splash.SegmentIds(q=segments, kv=segments))
 
 
 def _check_backend() -> bool:
@@ -87,8 +91,7 @@ def splash_attention(
     q = jnp.swapaxes(q, 1, 2) * jnp.asarray(scale, q.dtype)  # [B,N,T,H]; the kernel does not scale
 
     def attend(q, k, v, segments):
-        kernel = _splash_kernel(q.shape[1], q.shape[2], window, interpret)
-        return kernel(q, k, v, splash.SegmentIds(q=segments, kv=segments))
+        return _splash_kernel(q.shape[1], q.shape[2], window, interpret)(q, k, v, segments)
 
     mesh = activation_mesh()
     if mesh is not None:

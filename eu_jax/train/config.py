@@ -130,6 +130,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate(config: ConfigDict) -> None:
     """Check values that types alone cannot: names, ranges, files. Fails on the first bad key."""
+    from eu_jax.models import fused_attention
     from eu_jax.models.config import RuntimeOptions
     from eu_jax.objectives.registry import available_terms, get_term
 
@@ -153,6 +154,12 @@ def validate(config: ConfigDict) -> None:
     _require(0 <= config.optimizer.warmup_steps <= config.train.steps, "optimizer.warmup_steps", "must be within [0, train.steps]")
     _validate_data(config)
     _require(config.data.max_length >= 2, "data.max_length", "must be at least 2")
+    _require(
+        config.runtime.attention != "splash" or fused_attention.splash_block(config.data.max_length) is not None,
+        "data.max_length",
+        f"{config.data.max_length} is no multiple of {fused_attention.SPLASH_BLOCKS[-1]}, the smallest tile of "
+        "runtime.attention='splash' (choose a multiple, or attention 'xla')",
+    )
     _require(config.data.microbatches >= 1, "data.microbatches", "must be at least 1")
     _require(config.data.batch_size % config.data.microbatches == 0, "data.batch_size", "must be divisible by data.microbatches")
     _require(config.data.shards >= 0, "data.shards", "must be 0 (one shard per process) or a positive number of shards")
