@@ -43,6 +43,7 @@ from eu_jax.train.flops import peak_flops_of_kind
 
 SECTION_TITLE = "## Train step MFU on an accelerator (bench/train_mfu.py)"
 MFU_GOAL = 0.45
+FUSED_KERNEL_BACKENDS = {"splash": "tpu", "cudnn": "gpu"}  # runtime.attention -> the backend it is timed on
 GB = 10**9
 
 # Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B config.json; the rope scaling does not change the cost).
@@ -69,8 +70,8 @@ def hf_config(layers: int, hidden: int):
 
 def child_eu_jax(layers: int, hidden: int, shape: dict[str, int], steps: int, remat: str, attention: str,
                  allow_cpu: bool) -> dict[str, Any]:
-    """eu_jax's step as `eu-train` builds it, on random params initialised on the device. The fused attention
-    kernel (`attention="splash"`) runs on TPUs only (on CPU it is interpreted, far too slow to time)."""
+    """eu_jax's step as `eu-train` builds it, on random params initialised on the device. A fused attention
+    kernel runs only on its own accelerator (on CPU each runs as a reference, far too slow to time)."""
     import jax
     from flax import nnx
 
@@ -80,7 +81,7 @@ def child_eu_jax(layers: int, hidden: int, shape: dict[str, int], steps: int, re
 
     if jax.default_backend() == "cpu" and not allow_cpu:
         return {"no_accelerator": True}
-    if attention == "splash" and jax.default_backend() != "tpu":
+    if attention != "xla" and jax.default_backend() != FUSED_KERNEL_BACKENDS[attention]:
         return {"not_applicable": True}
     config = from_hf_config(hf_config(layers, hidden))
     runtime = dict(dtype="bfloat16", remat=remat, attention=attention)
@@ -160,6 +161,7 @@ def measure(args: argparse.Namespace) -> Run:
     children = {
         "eu_jax": ("eu_jax", dict(common, remat=args.remat, attention="xla")),
         "eu_jax, splash attention": ("eu_jax", dict(common, remat=args.remat, attention="splash")),
+        "eu_jax, cuDNN attention": ("eu_jax", dict(common, remat=args.remat, attention="cudnn")),
         "PyTorch eager": ("torch", dict(common, compiled=False)),
     }
     if not args.no_compile:
@@ -186,8 +188,8 @@ def render_section(run: Run) -> str:
         "",
         f"Exclusive Unlearning step on the Llama-3.2-1B shape ({a.layers} layers, hidden {a.hidden}, random weights: "
         f"each side's own random initialisation), bf16 compute with fp32 parameters and AdamW state, batch {a.rows} + {a.rows} rows of {a.seq} tokens "
-        f"({tokens} tokens per step), remat {a.remat} on the eu_jax side, whose attention runs as the decoder's own (XLA) and, on a TPU, through "
-        f"Pallas' splash attention kernel (`runtime.attention`). Measured {date}. Whole benchmark: "
+        f"({tokens} tokens per step), remat {a.remat} on the eu_jax side, whose attention runs as the decoder's own (XLA) and through a fused kernel "
+        f"(`runtime.attention`: Pallas' splash attention on a TPU, cuDNN's flash attention on a GPU). Measured {date}. Whole benchmark: "
         f"{run.seconds / 60:.1f} min.",
         "",
         f"Each side runs in a fresh process: a first step (compilation or warm-up), then {a.steps} timed steps, best "
@@ -201,7 +203,7 @@ def render_section(run: Run) -> str:
     eager = run.sides.get("PyTorch eager", {})
     eager_best = min(eager["seconds"]) if "seconds" in eager else None
     for name, m in run.sides.items():
-        if m.get("not_applicable"):  # the TPU kernel on another device
+        if m.get("not_applicable"):  # a fused kernel on another kind of device
             continue
         if "seconds" not in m:
             lines.append(f"| {name} | failed: {m.get('failed', '')[:160]} |" + " |" * 8)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "dots", "full")  # from most kept for the backward pass to least
-ATTENTION_KERNELS = ("xla", "splash")  # see RuntimeOptions.attention
+ATTENTION_KERNELS = ("xla", "splash", "cudnn")  # see RuntimeOptions.attention
 
 
 class UnsupportedModelError(ValueError):
@@ -103,8 +103,9 @@ class RuntimeOptions:
     remat: str = "dots"
     scan_layers: bool = True
     attention_block: int = 256  # queries per block of causal attention; 0 = every score in one product
-    # Forwards without a KV cache: "xla" the decoder's own attention (any backend), "splash" Pallas' fused
-    # flash-attention kernel (TPU; interpreted on CPU, for tests), for sequences a multiple of 128 tokens.
+    # Forwards without a KV cache: "xla" the decoder's own attention (any backend); fused flash attention:
+    # "splash" Pallas' kernel (TPU; interpreted on CPU, for tests) for sequences a multiple of 128 tokens,
+    # "cudnn" cuDNN's (NVIDIA GPUs, bf16 or fp16; JAX's XLA reference on CPU, for tests) at even lengths.
     attention: str = "xla"
 
     def __post_init__(self) -> None:

@@ -1,17 +1,21 @@
-"""Causal attention through a fused kernel: Pallas' splash attention, TPU's flash attention with GQA and segments.
+"""Causal attention through a fused kernel: Pallas' splash attention on TPUs, cuDNN's flash attention on GPUs.
 
 The decoder's own attention (`llama._block_causal_attention`) writes every [T, S] score and probability of a
 block to memory, four bytes each, and reads them back in the softmax and the backward pass. At the sequence
 lengths pods train on (2,048 and up, 8 rows, 32 heads: GBs per layer) that traffic, not the products, sets
 the attention's time. A flash kernel keeps each tile of scores in on-chip memory, skips the tiles the causal
-mask and the segments leave empty, and saves only a log-sum-exp per query for its backward pass.
+mask leaves empty, and saves only a log-sum-exp per query for its backward pass.
 
-What the kernel masks by: the causal order of slots, an optional sliding window (in slots), and one segment
+What the kernels mask by: the causal order of slots, an optional sliding window (in slots), and one segment
 id per token (`kernel_segments`). Padding becomes a segment of its own, so a real token never sees padding
-and a padding token (which no loss reads) sees only padding, never an empty row.
+and a padding token (which no loss reads) sees only padding, never an empty row. Splash takes the segment
+ids themselves and skips the tiles they leave empty; cuDNN (through `jax.nn.dot_product_attention`) takes
+them as a dense [B, 1, T, S] mask, which it reads as an additive bias.
 
-On CPU the kernel runs in Pallas' interpreter (the test suite checks it against transformers there); it is
-many times slower than the decoder's own attention, so the `cpu` preset keeps that.
+On CPU splash runs in Pallas' interpreter and cuDNN's call as JAX's XLA reference of the same call (the test
+suite checks both against transformers there); both are slower than the decoder's own attention, so the
+`cpu` preset keeps that. The cuDNN path has not run on a GPU yet (no GPU was lent to this project's sessions):
+`bench/train_mfu.py` tries it beside the decoder's own attention where one is.
 """
 
 from __future__ import annotations
@@ -35,9 +39,24 @@ def splash_block(length: int) -> int | None:
     return next((block for block in SPLASH_BLOCKS if length % block == 0), None)
 
 
+LENGTHS_TAKEN = f"splash takes multiples of {SPLASH_BLOCKS[-1]} tokens, cudnn even numbers"
+
+
 def uses_kernel(attention: str, length: int) -> bool:
-    """Whether a forward without a KV cache of `length` tokens attends through the fused kernel."""
-    return attention == "splash" and splash_block(length) is not None
+    """Whether a forward without a KV cache of `length` tokens attends through a fused kernel (cuDNN's takes
+    a mask only at even lengths)."""
+    if attention == "splash":
+        return splash_block(length) is not None
+    return attention == "cudnn" and length % 2 == 0
+
+
+def attend(
+    attention: str, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, scale: float, window: int | None
+) -> jax.Array:
+    """Causal attention of q [B,T,N,H] over k, v [B,K,T,H] (heads-first), masked by `segments` [B,T] -> [B,T,N,H],
+    through the kernel `attention` names (where `uses_kernel` says it takes the forward)."""
+    kernel = {"splash": _splash_attention, "cudnn": _cudnn_attention}[attention]
+    return kernel(q, k, v, segments, scale, window)
 
 
 def kernel_segments(valid: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
@@ -71,23 +90,22 @@ def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool)
     return lambda q, k, v, segments: batched(q, k, v, splash.SegmentIds(q=segments, kv=segments))
 
 
-def _check_backend() -> bool:
-    """Whether the kernel must run interpreted (on CPU); a GPU cannot run it at all."""
+def _backend_for(attention: str, own: str, other: str) -> str:
+    """This process's backend, refusing the other accelerator's kernel in one sentence."""
     backend = jax.default_backend()
-    if backend == "gpu":
-        raise ValueError("runtime.attention: 'splash' is a TPU kernel and this process runs on GPUs; use 'xla'")
-    return backend != "tpu"
+    if backend == other:
+        raise ValueError(f"runtime.attention: '{attention}' is a {own.upper()} kernel and this process runs on "
+                         f"{other.upper()}s; use 'xla'")
+    return backend
 
 
-def splash_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, scale: float, window: int | None
-) -> jax.Array:
-    """Causal attention of q [B,T,N,H] over k, v [B,K,T,H] (heads-first), masked by `segments` [B,T] -> [B,T,N,H].
+def _splash_attention(q, k, v, segments, scale, window):
+    """`attend` through splash attention (compiled on a TPU, interpreted on CPU).
 
     Inside a mesh (`activation_sharding`) each device runs the kernel on its own rows, and on its own heads
     when the `tensor` axis divides the KV heads: a Pallas call is opaque to XLA's partitioner, which would
     otherwise gather every row onto every device."""
-    interpret = _check_backend()
+    interpret = _backend_for("splash", "tpu", "gpu") != "tpu"
     q = jnp.swapaxes(q, 1, 2) * jnp.asarray(scale, q.dtype)  # [B,N,T,H]; the kernel does not scale
 
     def attend(q, k, v, segments):
@@ -101,3 +119,18 @@ def splash_attention(
         attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(rows)), out_specs=spec,
                                check_vma=False)
     return jnp.swapaxes(attend(q, k, v, segments), 1, 2)
+
+
+def _cudnn_attention(q, k, v, segments, scale, window):
+    """`attend` through cuDNN's flash attention (on a GPU; JAX's XLA reference of the same call on CPU).
+
+    XLA partitions the call itself (JAX gives it sharding rules over rows and heads), so no `shard_map`."""
+    on_gpu = _backend_for("cudnn", "gpu", "tpu") == "gpu"
+    if on_gpu and q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"runtime.attention: 'cudnn' needs runtime.dtype bfloat16 or float16, not {q.dtype} "
+                         "(cuDNN's flash attention has no float32 kernel)")
+    same_segment = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B,1,T,S]
+    return jax.nn.dot_product_attention(
+        q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=same_segment, scale=scale, is_causal=True,
+        local_window_size=None if window is None else (window - 1, 0), implementation="cudnn" if on_gpu else "xla",
+    )

@@ -131,6 +131,7 @@ class Attention(nnx.Module):
         self.scale = h**-0.5
         self.block = options.attention_block
         self.window = config.sliding_window
+        self.kernel = options.attention
 
     def _project(self, x: jax.Array, kernel: nnx.Param, bias_name: str) -> jax.Array:
         y = dense(x, kernel[...].astype(self.dtype))
@@ -156,7 +157,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
         k, v = k.astype(self.dtype), v.astype(self.dtype)
         if mask.ndim == 2:
-            out = fused_attention.splash_attention(q, k, v, mask, self.scale, self.window)
+            out = fused_attention.attend(self.kernel, q, k, v, mask, self.scale, self.window)
         elif k_cache is None and 0 < self.block < q.shape[1]:
             out = _block_causal_attention(q, k, v, mask, self.scale, self.block)
         elif k_cache is not None:

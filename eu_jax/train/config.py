@@ -155,10 +155,10 @@ def validate(config: ConfigDict) -> None:
     _validate_data(config)
     _require(config.data.max_length >= 2, "data.max_length", "must be at least 2")
     _require(
-        config.runtime.attention != "splash" or fused_attention.splash_block(config.data.max_length) is not None,
+        config.runtime.attention == "xla" or fused_attention.uses_kernel(config.runtime.attention, config.data.max_length),
         "data.max_length",
-        f"{config.data.max_length} is no multiple of {fused_attention.SPLASH_BLOCKS[-1]}, the smallest tile of "
-        "runtime.attention='splash' (choose a multiple, or attention 'xla')",
+        f"runtime.attention='{config.runtime.attention}' cannot take rows of {config.data.max_length} tokens "
+        f"({fused_attention.LENGTHS_TAKEN}); change the length, or use attention 'xla'",
     )
     _require(config.data.microbatches >= 1, "data.microbatches", "must be at least 1")
     _require(config.data.batch_size % config.data.microbatches == 0, "data.batch_size", "must be divisible by data.microbatches")
