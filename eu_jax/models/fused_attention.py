@@ -29,6 +29,8 @@ from eu_jax.parallel.sharding import BATCH_AXES, activation_mesh
 
 # Query and key tile sizes tried in order; a sequence none of them divides runs the decoder's own attention.
 SPLASH_BLOCKS = (512, 256, 128)
+# cuDNN takes a mask at even lengths only. What `uses_kernel` accepts, in words (for eu-train's length check).
+LENGTHS_TAKEN = f"splash takes multiples of {SPLASH_BLOCKS[-1]} tokens, cudnn even numbers"
 # The name of the kernel's output and log-sum-exp, which remat "dots" keeps so that the backward pass
 # does not run the forward kernel again (`llama._REMAT_POLICIES`).
 RESIDUALS = "fused_attention_residuals"
@@ -39,12 +41,8 @@ def splash_block(length: int) -> int | None:
     return next((block for block in SPLASH_BLOCKS if length % block == 0), None)
 
 
-LENGTHS_TAKEN = f"splash takes multiples of {SPLASH_BLOCKS[-1]} tokens, cudnn even numbers"
-
-
 def uses_kernel(attention: str, length: int) -> bool:
-    """Whether a forward without a KV cache of `length` tokens attends through a fused kernel (cuDNN's takes
-    a mask only at even lengths)."""
+    """Whether a forward without a KV cache of `length` tokens attends through a fused kernel."""
     if attention == "splash":
         return splash_block(length) is not None
     return attention == "cudnn" and length % 2 == 0
