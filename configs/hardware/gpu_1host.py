@@ -5,7 +5,7 @@ FSDP over NVLink rather than tensor parallelism: for models up to 70B with batch
 tokens per device, gathering weights layer by layer costs less than per-matmul activation exchanges.
 bf16 compute on the tensor cores, fp32 master weights and Adam state. train.peak_flops_per_device stays
 0: MFU uses the peak of the detected device kind. Attention stays the decoder's own until cuDNN's flash
-attention has been measured on a GPU: --config.runtime.attention=cudnn tries it (README, Using the model).
+attention has been measured on a GPU: --config.runtime.attention=cudnn tries it (README, "Using the model from Python").
 """
 
 
