@@ -39,11 +39,11 @@ from report import publish
 from train_step import Shape, eu_step_flops, torch_losses
 
 from eu_jax.models.config import REMAT_POLICIES, RuntimeOptions
+from eu_jax.models.fused_attention import KERNEL_BACKENDS
 from eu_jax.train.flops import peak_flops_of_kind
 
 SECTION_TITLE = "## Train step MFU on an accelerator (bench/train_mfu.py)"
 MFU_GOAL = 0.45
-FUSED_KERNEL_BACKENDS = {"splash": "tpu", "cudnn": "gpu"}  # runtime.attention -> the backend it is timed on
 GB = 10**9
 
 # Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B config.json; the rope scaling does not change the cost).
@@ -81,7 +81,7 @@ def child_eu_jax(layers: int, hidden: int, shape: dict[str, int], steps: int, re
 
     if jax.default_backend() == "cpu" and not allow_cpu:
         return {"no_accelerator": True}
-    if attention != "xla" and jax.default_backend() != FUSED_KERNEL_BACKENDS[attention]:
+    if attention != "xla" and jax.default_backend() != KERNEL_BACKENDS[attention]:
         return {"not_applicable": True}
     config = from_hf_config(hf_config(layers, hidden))
     runtime = dict(dtype="bfloat16", remat=remat, attention=attention)

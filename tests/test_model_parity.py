@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import dataclasses
+import functools
 from types import SimpleNamespace
 
 import jax
@@ -34,8 +34,8 @@ ATTENTION_MASK[2, 9:] = 0
 def hf_forward(model, **kwargs):
     with torch.no_grad():
         return model(
-            input_ids=torch.as_tensor(INPUT_IDS),
-            attention_mask=torch.as_tensor(ATTENTION_MASK),
+            input_ids=torch.as_tensor(BATCH.input_ids),
+            attention_mask=torch.as_tensor(BATCH.attention_mask),
             position_ids=torch.as_tensor(BATCH.positions),
             **kwargs,
         )

@@ -223,7 +223,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tiny, tmp_
         ("data", "batch_size", 4, r"config\.data\.batch_size: .* 8 data-parallel devices"),
         ("runtime", "attention_block", -1, r"config\.runtime\.attention_block: must be 0 \(off\)"),
         ("runtime", "attention", "flash", r"config\.runtime\.attention: 'flash' is not one of xla, splash, cudnn"),
-        ("runtime", "attention", "splash", r"config\.data\.max_length: runtime\.attention='splash' cannot take rows of 24 tokens \(splash takes multiples of 128"),
+        ("runtime", "attention", "splash", r"config\.data\.max_length: runtime\.attention='splash' takes rows of a multiple of 128 tokens, not 24;"),
     ],
 )
 def test_bad_config_values_stop_at_start_naming_the_key(tiny, tmp_path, section, key, value, message):

@@ -29,8 +29,10 @@ from eu_jax.parallel.sharding import BATCH_AXES, activation_mesh
 
 # Query and key tile sizes tried in order; a sequence none of them divides runs the decoder's own attention.
 SPLASH_BLOCKS = (512, 256, 128)
-# cuDNN takes a mask at even lengths only. What `uses_kernel` accepts, in words (for eu-train's length check).
-LENGTHS_TAKEN = f"splash takes multiples of {SPLASH_BLOCKS[-1]} tokens, cudnn even numbers"
+# Each kernel's backend, and what a forward's length must be a multiple of for it (splash: its smallest tile;
+# cuDNN takes a mask at even lengths only).
+KERNEL_BACKENDS = {"splash": "tpu", "cudnn": "gpu"}
+LENGTH_MULTIPLES = {"splash": SPLASH_BLOCKS[-1], "cudnn": 2}
 # The name of the kernel's output and log-sum-exp, which remat "dots" keeps so that the backward pass
 # does not run the forward kernel again (`llama._REMAT_POLICIES`).
 RESIDUALS = "fused_attention_residuals"
@@ -43,9 +45,7 @@ def splash_block(length: int) -> int | None:
 
 def uses_kernel(attention: str, length: int) -> bool:
     """Whether a forward without a KV cache of `length` tokens attends through a fused kernel."""
-    if attention == "splash":
-        return splash_block(length) is not None
-    return attention == "cudnn" and length % 2 == 0
+    return attention in LENGTH_MULTIPLES and length % LENGTH_MULTIPLES[attention] == 0
 
 
 def attend(
@@ -88,12 +88,12 @@ def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool)
     return lambda q, k, v, segments: batched(q, k, v, splash.SegmentIds(q=segments, kv=segments))
 
 
-def _backend_for(attention: str, own: str, other: str) -> str:
-    """This process's backend, refusing the other accelerator's kernel in one sentence."""
-    backend = jax.default_backend()
-    if backend == other:
+def _backend_for(attention: str) -> str:
+    """This process's backend, refusing a kernel of the other accelerator in one sentence."""
+    backend, own = jax.default_backend(), KERNEL_BACKENDS[attention]
+    if backend in KERNEL_BACKENDS.values() and backend != own:
         raise ValueError(f"runtime.attention: '{attention}' is a {own.upper()} kernel and this process runs on "
-                         f"{other.upper()}s; use 'xla'")
+                         f"{backend.upper()}s; use 'xla'")
     return backend
 
 
@@ -103,10 +103,10 @@ def _splash_attention(q, k, v, segments, scale, window):
     Inside a mesh (`activation_sharding`) each device runs the kernel on its own rows, and on its own heads
     when the `tensor` axis divides the KV heads: a Pallas call is opaque to XLA's partitioner, which would
     otherwise gather every row onto every device."""
-    interpret = _backend_for("splash", "tpu", "gpu") != "tpu"
+    interpret = _backend_for("splash") != "tpu"
     q = jnp.swapaxes(q, 1, 2) * jnp.asarray(scale, q.dtype)  # [B,N,T,H]; the kernel does not scale
 
-    def attend(q, k, v, segments):
+    def per_device(q, k, v, segments):
         return _splash_kernel(q.shape[1], q.shape[2], window, interpret)(q, k, v, segments)
 
     mesh = activation_mesh()
@@ -114,16 +114,16 @@ def _splash_attention(q, k, v, segments, scale, window):
         rows = BATCH_AXES if q.shape[0] % np.prod([mesh.shape[a] for a in BATCH_AXES]) == 0 else None
         heads = "tensor" if k.shape[1] % mesh.shape["tensor"] == 0 else None
         spec = PartitionSpec(rows, heads)
-        attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(rows)), out_specs=spec,
+        per_device = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(rows)), out_specs=spec,
                                check_vma=False)
-    return jnp.swapaxes(attend(q, k, v, segments), 1, 2)
+    return jnp.swapaxes(per_device(q, k, v, segments), 1, 2)
 
 
 def _cudnn_attention(q, k, v, segments, scale, window):
     """`attend` through cuDNN's flash attention (on a GPU; JAX's XLA reference of the same call on CPU).
 
     XLA partitions the call itself (JAX gives it sharding rules over rows and heads), so no `shard_map`."""
-    on_gpu = _backend_for("cudnn", "gpu", "tpu") == "gpu"
+    on_gpu = _backend_for("cudnn") == "gpu"
     if on_gpu and q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"runtime.attention: 'cudnn' needs runtime.dtype bfloat16 or float16, not {q.dtype} "
                          "(cuDNN's flash attention has no float32 kernel)")

@@ -154,11 +154,12 @@ def validate(config: ConfigDict) -> None:
     _require(0 <= config.optimizer.warmup_steps <= config.train.steps, "optimizer.warmup_steps", "must be within [0, train.steps]")
     _validate_data(config)
     _require(config.data.max_length >= 2, "data.max_length", "must be at least 2")
+    kernel = config.runtime.attention
     _require(
-        config.runtime.attention == "xla" or fused_attention.uses_kernel(config.runtime.attention, config.data.max_length),
+        kernel == "xla" or fused_attention.uses_kernel(kernel, config.data.max_length),
         "data.max_length",
-        f"runtime.attention='{config.runtime.attention}' cannot take rows of {config.data.max_length} tokens "
-        f"({fused_attention.LENGTHS_TAKEN}); change the length, or use attention 'xla'",
+        f"runtime.attention='{kernel}' takes rows of a multiple of {fused_attention.LENGTH_MULTIPLES.get(kernel)} "
+        f"tokens, not {config.data.max_length}; change the length, or use attention 'xla'",
     )
     _require(config.data.microbatches >= 1, "data.microbatches", "must be at least 1")
     _require(config.data.batch_size % config.data.microbatches == 0, "data.batch_size", "must be divisible by data.microbatches")
