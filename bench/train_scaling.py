@@ -10,7 +10,7 @@ compilation (best of `--runs`). Writes its section of BENCHMARKS.md and a PNG pl
 
 Usage:
     .venv/bin/python bench/train_scaling.py                    # full sweep (~20 min on 2 cores)
-    .venv/bin/python bench/train_scaling.py --layers 2 --max-seq 256 --no-write   # quick smoke run
+    .venv/bin/python bench/train_scaling.py --layers 2 --max-seq 256 --max-rows 2 --no-write   # quick smoke run
 """
 
 from __future__ import annotations
@@ -66,10 +66,11 @@ class Point:
         return self.variant.shape.tokens / self.seconds
 
 
-def variants(layers: int, max_seq: int) -> list[Variant]:
+def variants(layers: int, max_seq: int, max_rows: int) -> list[Variant]:
     seqs = [s for s in (128, 256, 512, 1024, 2048) if s <= max_seq]
     out = [Variant("sequence", Shape(layers, s, 1), remat) for remat in REMAT_POLICIES for s in seqs]
-    out += [Variant("batch", Shape(layers, 256, rows), remat) for remat in REMAT_POLICIES[:2] for rows in (1, 2, 4, 8)]
+    all_rows = [r for r in (1, 2, 4, 8) if r <= max_rows]
+    out += [Variant("batch", Shape(layers, 256, rows), remat) for remat in REMAT_POLICIES[:2] for rows in all_rows]
     rows_tokens = 4 * 256
     out += [Variant("log-probs", Shape(layers, 256, 4), chunk_tokens=c) for c in (128, rows_tokens)]
     out += [Variant("attention", Shape(layers, s, 1), "full", attention_block=0) for s in seqs if s >= 512]
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"])
     parser.add_argument("--max-seq", type=int, default=2048)
+    parser.add_argument("--max-rows", type=int, default=8, help="largest rows per half in the batch sweep")
     parser.add_argument("--runs", type=int, default=1, help="timed steps per point, best kept")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         log(f"writing random SmolLM2-shaped weights ({args.layers} layers) and importing them")
         _, ckpt = write_model(Shape(args.layers, 1, 1), workdir)
-        points = [measure(ckpt, v, args.runs) for v in variants(args.layers, args.max_seq)]
+        points = [measure(ckpt, v, args.runs) for v in variants(args.layers, args.max_seq, args.max_rows)]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     plot_path = None if args.no_write else PLOT

@@ -93,7 +93,7 @@ def test_train_mfu_smoke_on_cpu():
 
 
 def test_train_scaling_chunked_log_probs_need_fewer_temporaries():
-    out = run_bench("train_scaling.py", "--layers", "1", "--max-seq", "128", "--runs", "1")
+    out = run_bench("train_scaling.py", "--layers", "1", "--max-seq", "128", "--max-rows", "2", "--runs", "1")
     rows = table(out, "Sweep")
     assert {r["Sweep"] for r in rows} == {"sequence", "batch", "log-probs"}
     chunked, whole = (next(r for r in rows if r["Sweep"] == "log-probs" and key in r["Variant"])
