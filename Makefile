@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed-stamp
 # torch is pinned to the CPU build this project is tested with (a looser pin pulls CUDA wheels).
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Two pytest workers (a test file stays on one worker, so its module fixtures are built once): much of the
+# suite is single-threaded XLA compilation, so two workers on 2 cores take ~2/3 of one's time. 0: one process.
+PYTEST_WORKERS ?= 2
 # XLA's CPU backend allocates a step's temporaries (GBs) as one block per run; glibc maps it fresh each time and
 # every page faults again (5-10% of a CPU train step). With transparent huge pages it faults in 2 MB pages.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
@@ -22,7 +25,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 demo: install
 	$(PY) -m eu_jax.demo --config=configs/demo.py
