@@ -47,7 +47,7 @@ def extract_file(wheel: Path, name: str, target: Path) -> Path:
             if target.is_file() and target.stat().st_size == member.file_size:
                 return target
             # Extract under a name of this process's own, so that neither an interrupted copy nor one made by
-            # another process at the same time (two test workers, two hosts' processes) ever looks complete.
+            # another process at the same time (two test workers, a host's several processes) ever looks complete.
             with _partial_file(target) as partial, zf.open(member) as src:
                 shutil.copyfileobj(src, partial, 1 << 24)
     except zipfile.BadZipFile as err:

@@ -114,8 +114,8 @@ def _splash_attention(q, k, v, segments, scale, window):
         rows = BATCH_AXES if q.shape[0] % np.prod([mesh.shape[a] for a in BATCH_AXES]) == 0 else None
         heads = "tensor" if k.shape[1] % mesh.shape["tensor"] == 0 else None
         spec = PartitionSpec(rows, heads)
-        per_device = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(rows)), out_specs=spec,
-                               check_vma=False)
+        per_device = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(rows)),
+                                   out_specs=spec, check_vma=False)
     return jnp.swapaxes(per_device(q, k, v, segments), 1, 2)
 
 
