@@ -8,6 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 # Two pytest workers (a test file stays on one worker, so its module fixtures are built once): much of the
 # suite is single-threaded XLA compilation, so two workers on 2 cores take ~2/3 of one's time. 0: one process.
+# Files are handed out in name order, so the two bench smoke-test files (minutes each) start first, one per worker.
 PYTEST_WORKERS ?= 2
 # XLA's CPU backend allocates a step's temporaries (GBs) as one block per run; glibc maps it fresh each time and
 # every page faults again (5-10% of a CPU train step). With transparent huge pages it faults in 2 MB pages.
@@ -25,7 +26,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) tests
 
 demo: install
 	$(PY) -m eu_jax.demo --config=configs/demo.py
