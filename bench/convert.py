@@ -332,18 +332,19 @@ def run_step(
     cleanup: Callable[[], None] | None = None,
     **kwargs: Any,
 ) -> Step:
-    """Run a step `runs` times and keep the fastest.
+    """Run a step `runs` times and keep the fastest; `cleanup` removes a run's output before the next run.
 
-    Baselines take a second or two, so a neighbour's burst on this shared machine can double one run; the
-    best of a few is their honest figure. Taking the best for the baselines only makes the ratios
-    conservative (the conversions, tens of seconds each, average the noise instead of dodging it).
+    Every step, baselines and conversions alike, takes seconds on the 1B model, so a neighbour's burst on this
+    shared machine, or a slow spell of its disk, can double one run; the best of a few is each step's honest
+    figure, and the ratios compare best with best (when only the baselines were the best of 3, the import
+    measured 1.5x-2.6x the copy in three runs of one day).
     """
     log(f"{name}: {work} ...")
     results = []
-    for _ in range(runs):
-        results.append(run_child_process(__file__, child, kwargs))
-        if cleanup is not None:
+    for attempt in range(runs):
+        if attempt and cleanup is not None:
             cleanup()
+        results.append(run_child_process(__file__, child, kwargs))
     seconds = ", ".join(f"{result['seconds']:.2f}" for result in results)
     best = dict(min(results, key=lambda result: result["seconds"]))
     step = Step(name, work, nbytes, best.pop("seconds"), best.pop("peak_rss"), best)
@@ -369,11 +370,11 @@ class Run:
     steps: dict[str, Step]
     ckpt_bytes: int
     seconds: float
-    baseline_runs: int
+    runs: int
     backed_bytes: int
 
 
-def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_runs: int, fresh_memory: bool = False) -> Run:
+def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, runs: int, fresh_memory: bool = False) -> Run:
     """All steps in order, each baseline before the conversions it is compared with.
 
     Unless `fresh_memory`, each step first writes and frees as much memory as the fp32 params and the source
@@ -384,7 +385,7 @@ def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_run
     files = [str(f) for f in write_random_weights(dims, src, shard_bytes)]
     file_bytes = sum(os.path.getsize(f) for f in files)
     backed = 0 if fresh_memory else dims.fp32_bytes + file_bytes
-    measure = functools.partial(run_step, backed_bytes=backed)  # every child step takes it (see back_memory)
+    measure = functools.partial(run_step, runs=runs, backed_bytes=backed)  # every child step takes both
     steps: dict[str, Step] = {}
 
     def add(step: Step) -> None:
@@ -394,15 +395,14 @@ def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_run
         copies = run_dir / f"copy_{short}"
         copies.mkdir()
         copied = measure(f"copy {short}", f"read+write {copy_bytes / GB:.2f} GB of the source files", copy_bytes, "copy",
-                         baseline_runs, cleanup=lambda: empty_dir(copies),
-                         files=files, dest_dir=str(copies), target_bytes=copy_bytes)
-        copies.rmdir()
+                         cleanup=lambda: empty_dir(copies), files=files, dest_dir=str(copies), target_bytes=copy_bytes)
+        shutil.rmtree(copies)
         return copied
 
-    add(measure("read", "read the safetensors bytes into one buffer", file_bytes, "read", baseline_runs, files=files))
+    add(measure("read", "read the safetensors bytes into one buffer", file_bytes, "read", files=files))
     add(copy_step("bf16", file_bytes))  # the import's baseline and export bf16's
     add(measure("import", "import to an orbax checkpoint (the bf16 weights kept as bf16)", file_bytes, "import",
-                src=str(src), out=str(ckpt), dims=dataclasses.asdict(dims)))
+                cleanup=lambda: shutil.rmtree(ckpt), src=str(src), out=str(ckpt), dims=dataclasses.asdict(dims)))
     add(measure("load", "restore that checkpoint as fp32 params (a training run's start)", dims.fp32_bytes, "load",
                 ckpt=str(ckpt)))
     for dtype, short, copy_bytes in (("bfloat16", "bf16", file_bytes), ("float32", "fp32", 2 * file_bytes)):
@@ -410,11 +410,12 @@ def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, baseline_run
             add(copy_step(short, copy_bytes))
         out = run_dir / f"export_{short}"
         export = measure(f"export {short}", f"export to {dtype} safetensors", 0, "export",
+                         cleanup=functools.partial(shutil.rmtree, out),
                          ckpt=str(ckpt), out=str(out), dtype=dtype, shard_bytes=shard_bytes)
         add(dataclasses.replace(export, bytes=dir_bytes(out, "*.safetensors")))
         shutil.rmtree(out)
     seconds = time.perf_counter() - start
-    return Run(dims, file_bytes, len(files), shard_bytes, steps, dir_bytes(ckpt), seconds, baseline_runs, backed)
+    return Run(dims, file_bytes, len(files), shard_bytes, steps, dir_bytes(ckpt), seconds, runs, backed)
 
 
 # ----------------------------------------------------------------------------------------- the report
@@ -444,13 +445,13 @@ def _section_intro(run: Run) -> list[str]:
         + f". Whole benchmark: {run.seconds / 60:.1f} min.",
         "",
         "Each step is a fresh process. Seconds exclude interpreter and library start-up, shown apart (the first "
-        "use of transformers' AutoConfig imports torch). The read and copy baselines are the best of "
-        f"{run.baseline_runs} runs; the conversions run once. Peak RSS is the process's own high-water mark "
+        "use of transformers' AutoConfig imports torch). Every step, baselines and conversions alike, is the best of "
+        f"{run.runs} runs (one process each; the peak RSS is the best run's). Peak RSS is the process's own high-water mark "
         "(VmHWM); the floor is the same process's footprint once its libraries are loaded, before it converts. "
         "The source is warm in the page cache for both read and import (so the read baseline is as fast as it "
         "gets), and dirty pages are flushed before every step. GB are 10^9 bytes; params are the model's "
         "fp32 params (what training holds): the import keeps the source's bf16 in its checkpoint, load widens it "
-        "to fp32, export reads it one parameter at a time.",
+        "to fp32, export reads it a parameter at a time (the next one read ahead while one is written).",
         "",
         (f"Before its clock starts, every step writes and frees {run.backed_bytes / GB:.2f} GB of memory (the fp32 "
          "params and the source together, more than any step touches) and restarts its peak RSS: on the VMs "
@@ -521,8 +522,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers (16 = Llama-3.2-1B)")
     parser.add_argument("--shard-size", type=parse_size, default=5 * GB,
                         help="max safetensors shard size for the source and the exports (default 5GB: one file)")
-    parser.add_argument("--baseline-runs", type=int, default=3,
-                        help="runs of each read/copy baseline, best kept (default %(default)s)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="runs of every step, baselines and conversions, best kept (default %(default)s)")
     parser.add_argument("--fresh-memory", action="store_true",
                         help="do not write and free memory before each step (see back_memory)")
     return parser.parse_args(argv)
@@ -535,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="eu_jax_bench_convert_", dir=args.workdir))
     try:
-        run = run_benchmark(run_dir, LlamaDims.scaled(args.layers), args.shard_size, args.baseline_runs, args.fresh_memory)
+        run = run_benchmark(run_dir, LlamaDims.scaled(args.layers), args.shard_size, args.runs, args.fresh_memory)
     finally:
         if args.keep:
             log(f"kept {run_dir}")

@@ -21,7 +21,7 @@ def test_generate_matches_transformers_tokens():
 
 
 def test_convert_reports_every_step():
-    out = run_bench("convert.py", "--layers", "1", "--baseline-runs", "1")
+    out = run_bench("convert.py", "--layers", "1", "--runs", "1")
     steps = {r["Step"]: r for r in table(out, "Step")}
     assert set(steps) == {"read", "import", "load", "copy bf16", "export bf16", "copy fp32", "export fp32"}
     assert all(float(r["Seconds"]) > 0 for r in steps.values())

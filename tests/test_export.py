@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import jax
 import numpy as np
@@ -12,12 +13,14 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from eu_jax.convert.checkpoint import load_params, read_model_meta, storage_dtype, write_model_meta
+from eu_jax.convert.checkpoint import ParamReader, load_params, read_model_meta, storage_dtype, write_model_meta
 from eu_jax.convert.cli import main as eu_convert
 from eu_jax.convert.export import export_checkpoint
 from eu_jax.convert.hf_import import import_checkpoint
+from eu_jax.convert.keymap import rules_for
 from eu_jax.convert.threads import conversion_threads
 from eu_jax.models.config import RuntimeOptions
+from eu_jax.tree_paths import get_path
 from tests.tiny_models import save_hf_model
 
 
@@ -27,6 +30,19 @@ def imported(tmp_path_factory):
     model = save_hf_model("qwen2", root / "hf")
     import_checkpoint(root / "hf", root / "ckpt", progress=False)
     return root, model
+
+
+def test_param_reader_gives_every_param_asked_for_in_or_out_of_its_order(imported):
+    """Reads ahead in the order given, yet any param asked for, in any order or twice, is the stored one."""
+    root, _ = imported
+    stored, meta = load_params(root / "ckpt", keep_stored_dtype=True)
+    order = [rule.path for rule in rules_for(meta.config)]
+    asked = order[:2] + order[::-1] + [order[0], order[0]]
+    with ParamReader(root / "ckpt", order=order) as reader:
+        for path in asked:
+            expected, got = get_path(stored, path), reader(path)
+            assert got.dtype == expected.dtype and np.array_equal(got, expected), path
+    assert not [t for t in threading.enumerate() if t.name.startswith("param-read")]
 
 
 def test_params_inside_a_training_state_export_like_the_params(imported, tmp_path):

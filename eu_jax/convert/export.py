@@ -1,7 +1,8 @@
 """Export an eu_jax checkpoint to a Hugging Face directory that transformers loads as is.
 
-Params are restored one at a time as host numpy arrays (no device copy) and streamed tensor by
-tensor into sharded safetensors, so peak memory stays near the largest stacked parameter.
+Params are restored as host numpy arrays (no device copy), a few at a time in the order they are written
+(`ParamReader` reads ahead), and streamed tensor by tensor into sharded safetensors, so peak memory stays
+near a few stacked parameters, not the model.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ from typing import Callable
 
 import numpy as np
 
-from eu_jax.convert.checkpoint import HF_FILES_DIR, ModelMeta, ParamReader, ensure_new_output, locate_params
+from eu_jax.convert.checkpoint import (
+    HF_FILES_DIR,
+    ModelMeta,
+    ParamReader,
+    ensure_new_output,
+    load_model_meta,
+    locate_params,
+)
 from eu_jax.convert.keymap import rules_for
 from eu_jax.convert.safetensors_io import TensorToWrite, write_safetensors_shards
 from eu_jax.convert.threads import conversion_threads
@@ -79,12 +87,12 @@ def export_checkpoint(
     out = Path(out)
     np_dtype = _np_dtype(dtype)
     ensure_new_output(out)
-    reader = ParamReader(ckpt)
-    meta = reader.meta
+    meta = load_model_meta(ckpt)
     shapes = abstract_params(meta.config)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors_shards(hf_tensors(reader, meta.config, shapes, np_dtype), out, max_shard_bytes, progress=progress,
-                             load_threads=conversion_threads())
+    with ParamReader(ckpt, order=[rule.path for rule in rules_for(meta.config)]) as reader:
+        write_safetensors_shards(hf_tensors(reader, meta.config, shapes, np_dtype), out, max_shard_bytes,
+                                 progress=progress, load_threads=conversion_threads())
     hf_config = write_hf_config(meta, meta.config.vocab_size, dtype, out)
     _, _, meta_dir = locate_params(ckpt)
     side = meta_dir / HF_FILES_DIR
