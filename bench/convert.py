@@ -445,8 +445,8 @@ def _section_intro(run: Run) -> list[str]:
         + f". Whole benchmark: {run.seconds / 60:.1f} min.",
         "",
         "Each step is a fresh process. Seconds exclude interpreter and library start-up, shown apart (the first "
-        "use of transformers' AutoConfig imports torch). Every step, baselines and conversions alike, is the best of "
-        f"{run.runs} runs (one process each; the peak RSS is the best run's). Peak RSS is the process's own high-water mark "
+        "use of transformers' AutoConfig imports torch). Every step, baselines and conversions alike, is the best "
+        f"of {run.runs} runs, each in a process of its own. Peak RSS is the best run's own high-water mark "
         "(VmHWM); the floor is the same process's footprint once its libraries are loaded, before it converts. "
         "The source is warm in the page cache for both read and import (so the read baseline is as fast as it "
         "gets), and dirty pages are flushed before every step. GB are 10^9 bytes; params are the model's "

@@ -191,7 +191,7 @@ class ParamReader:
     Given the `order` the params will be asked for, it restores the next `READ_AHEAD` of them on a thread
     while the one asked for is converted and written. Orbax reads an array on one thread, mostly in the
     kernel (faulting in its buffers), so that read and the conversion use different cores: exporting a 1B
-    model to bf16 took 3.4-3.5 s against 4.5-5.4 s reading one param at a time on 2 cores (BENCHMARKS.md,
+    model to bf16 took 3.4-3.9 s against 4.5-5.4 s reading one param at a time on 2 cores (BENCHMARKS.md,
     conversion findings; reading two ahead gained nothing more there). Peak memory: the param in use, the
     one before it while threads still convert its last layers, and the one read ahead, i.e. a few stacked
     params, not the model. Thread-safe; close it (or use it as a context manager) to drop queued reads."""
