@@ -402,7 +402,7 @@ def run_benchmark(run_dir: Path, dims: LlamaDims, shard_bytes: int, runs: int, f
     add(measure("read", "read the safetensors bytes into one buffer", file_bytes, "read", files=files))
     add(copy_step("bf16", file_bytes))  # the import's baseline and export bf16's
     add(measure("import", "import to an orbax checkpoint (the bf16 weights kept as bf16)", file_bytes, "import",
-                cleanup=lambda: shutil.rmtree(ckpt), src=str(src), out=str(ckpt), dims=dataclasses.asdict(dims)))
+                cleanup=functools.partial(shutil.rmtree, ckpt), src=str(src), out=str(ckpt), dims=dataclasses.asdict(dims)))
     add(measure("load", "restore that checkpoint as fp32 params (a training run's start)", dims.fp32_bytes, "load",
                 ckpt=str(ckpt)))
     for dtype, short, copy_bytes in (("bfloat16", "bf16", file_bytes), ("float32", "fp32", 2 * file_bytes)):

