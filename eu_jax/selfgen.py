@@ -387,7 +387,7 @@ def self_generate(
         "format": "pairs",
         "columns": ["prompt", "response", "batch", "row"],
     }
-    report, rows, next_batch, batch_counts = _resume(shard, header)
+    report, rows, next_batch, batch_counts, cut_batch = _resume(shard, header, config.num_samples)
     report.resumed_from_batch = next_batch
     seen = {normalize(r["response"]) for r in rows}
     keywords = [k.lower() for k in config.filter_keywords if k]
@@ -397,8 +397,8 @@ def self_generate(
                     partial_batch_counts=last, counts=report.counts(), complete=report.kept >= target)
         write_json_atomic(meta_path(shard), meta)
 
-    _write_rows(shard, rows)  # drops anything after the last complete batch
-    save_meta(next_batch, None)
+    _write_rows(shard, rows)  # drops anything after the last batch kept
+    save_meta(next_batch, cut_batch)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=target, initial=min(report.kept, target), unit="sample", desc="eu-selfgen",
@@ -469,14 +469,20 @@ def self_generate(
     return report
 
 
-def _resume(shard: Path, header: Mapping[str, Any]) -> tuple[SelfGenReport, list[dict], int, list[dict]]:
-    """(counts so far, the rows of complete batches, the first batch to sample, per-batch counts)."""
+def _resume(
+    shard: Path, header: Mapping[str, Any], num_samples: int
+) -> tuple[SelfGenReport, list[dict], int, list[dict], dict[str, int] | None]:
+    """(counts so far, the rows kept, the first batch to sample, per-batch counts, the cut batch's counts).
+
+    The batch a finished run cut to its target is redone for a larger target; for the same target the
+    file is finished, and its rows (the cut batch's included) are kept as they are, with nothing to sample.
+    """
     report = SelfGenReport(shard)
     meta_file = meta_path(shard)
     if not meta_file.exists():
         if shard.exists() and shard.stat().st_size > 0:
             raise SelfGenError(f"{shard} exists but has no {meta_file.name}: not an eu-selfgen output; move it away")
-        return report, [], 0, []
+        return report, [], 0, [], None
     meta = json.loads(meta_file.read_text())
     for key in ("model", "settings", "process", "eos_ids"):
         if meta.get(key) != json.loads(json.dumps(header[key])):
@@ -484,6 +490,11 @@ def _resume(shard: Path, header: Mapping[str, Any]) -> tuple[SelfGenReport, list
                 f"{shard} was written with other {key} ({meta_file.name}); use the same ones to resume, "
                 "or another output path"
             )
+    finished = meta.get("complete") and meta.get("num_samples") == num_samples
+    if finished and len(rows := _read_rows(shard)) == meta["counts"]["kept"]:
+        for k in _COUNT_KEYS:
+            setattr(report, k, meta["counts"][k])
+        return report, rows, int(meta["next_batch"]), meta["batch_counts"], meta["partial_batch_counts"]
     next_batch = int(meta["next_batch"])
     batch_counts = [c for c in meta.get("batch_counts", []) if c["batch"] < next_batch]
     for c in batch_counts:
@@ -500,7 +511,7 @@ def _resume(shard: Path, header: Mapping[str, Any]) -> tuple[SelfGenReport, list
                 setattr(report, k, getattr(report, k) + c[k])
     if len(rows) != report.kept:
         raise SelfGenError(f"{shard} has {len(rows)} rows before batch {next_batch}, but its meta counts {report.kept}")
-    return report, rows, next_batch, batch_counts
+    return report, rows, next_batch, batch_counts, None
 
 
 def merge_shards(

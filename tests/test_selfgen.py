@@ -92,6 +92,24 @@ def test_resume_after_smaller_target_and_cut_line_equals_uninterrupted_run(tiny,
     assert counts[0] == counts[1]
 
 
+def test_a_finished_file_is_kept_as_it_is_for_the_same_target(tiny, reference, tmp_path, monkeypatch):
+    out = tmp_path / "done.jsonl"
+    for path in (out, meta_path(out)):
+        path.write_bytes((reference.out if path == out else meta_path(reference.out)).read_bytes())
+
+    def no_sampling(*args):
+        raise AssertionError("a finished file was sampled again")
+
+    monkeypatch.setattr("eu_jax.selfgen._Sampler.sample", no_sampling)
+    again = run(tiny, out)
+    assert again.kept == 10 and again.batches == 0 and again.generated == 12
+    assert out.read_bytes() == reference.out.read_bytes()
+    assert meta_path(out).read_bytes() == meta_path(reference.out).read_bytes()
+    monkeypatch.undo()
+    larger = run(tiny, out, dataclasses.replace(BASE, num_samples=12))  # redoes the batch cut to 10
+    assert larger.resumed_from_batch == 2 and rows(out)[:8] == rows(reference.out)[:8] and len(rows(out)) == 12
+
+
 def test_resume_after_an_exception_between_batches(tiny, reference, tmp_path):
     out = tmp_path / "killed.jsonl"
 
