@@ -117,6 +117,8 @@ def test_loss_covers_the_reply_and_end_of_turn_only(refuser):
     sets = phase_sets(tokenizer, token_records(questions, TOKEN, load_phrases()), refuser["token_id"], 64)
     raw, mixed = sets["raw"], sets["mixed"]
     assert len(raw["input_ids"]) == 2 and len(mixed["input_ids"]) == 4
+    for arrays in (raw, mixed):  # cut to the longest row (rounded up to a bucket), not padded to max_length
+        assert arrays["attention_mask"].sum(1).max() <= arrays["input_ids"].shape[1] < 64
     for row, (ids, loss) in enumerate(zip(mixed["input_ids"], mixed["loss_mask"])):
         question, reply = questions[row % 2], idk_reply(questions[row % 2])
         assert tokenizer.decode(ids[loss == 1]) == reply + "</s>"

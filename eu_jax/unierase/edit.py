@@ -132,13 +132,15 @@ def _request_mean(values: jax.Array, request: jax.Array, weights: jax.Array, num
 
 
 @lru_cache(maxsize=8)
-def _target_optimiser(config: ModelConfig, z_layer: int, num_requests: int, steps: int, learning_rate: float,
+def _target_optimiser(config: ModelConfig, z_layer: int, num_requests: int, learning_rate: float,
                       kl_factor: float, weight_decay: float, clamp: float, stop_nll: float):
-    """jit(params, plain rows, batch arrays) -> (z* [R, D], z [R, D], target NLL per request at z*)."""
+    """jit(params, plain rows, steps, batch arrays) -> (z* [R, D], z [R, D], target NLL per request at z*).
+
+    `steps` is traced, so the NLL without optimising (0 steps) runs the same compiled program."""
     optimizer = optax.adam(learning_rate)
 
     @jax.jit
-    def optimise(params, plain_rows, ids, attention, lookup, request, targets, target_positions, target_mask, essence, last):
+    def optimise(params, plain_rows, steps, ids, attention, lookup, request, targets, target_positions, target_mask, essence, last):
         model = build_decoder(config, params)
         inputs = model.prepare(ids, attention)
         h = jax.lax.stop_gradient(run_layers(model, inputs, inputs.x, 0, z_layer + 1)[0])
@@ -185,15 +187,17 @@ def _target_optimiser(config: ModelConfig, z_layer: int, num_requests: int, step
 
 
 @lru_cache(maxsize=16)
-def _keys_and_residual(config: ModelConfig, key_layer: int, z_layer: int):
-    """jit(params, ids, attention, lookup) -> (keys of `key_layer` [N, F], residual after `z_layer` [N, D]) at lookup."""
+def _keys_and_residual(config: ModelConfig, key_layers: tuple[int, ...], z_layer: int):
+    """jit(params, ids, attention, lookup) -> (keys of each of `key_layers` [L, N, F], residual after `z_layer`
+    [N, D]) at lookup: one program for every layer of an edit (the forward runs to `z_layer` either way)."""
 
     @jax.jit
     def fn(params, ids, attention, lookup):
         model = build_decoder(config, params)
         inputs = model.prepare(ids, attention)
-        x, keys = run_layers(model, inputs, inputs.x, 0, max(key_layer, z_layer) + 1, (key_layer,))
-        return at_positions(keys[key_layer], lookup).astype(jnp.float32), at_positions(x, lookup).astype(jnp.float32)
+        x, keys = run_layers(model, inputs, inputs.x, 0, max(*key_layers, z_layer) + 1, key_layers)
+        picked = jnp.stack([at_positions(keys[layer], lookup) for layer in key_layers])
+        return picked.astype(jnp.float32), at_positions(x, lookup).astype(jnp.float32)
 
     return fn
 
@@ -234,18 +238,20 @@ class Editor:
 
     def _targets(self, batch: EditBatch, arrays: tuple[jax.Array, ...], steps: int | None = None) -> tuple[np.ndarray, ...]:
         t = self.cfg.target
-        fn = _target_optimiser(self.config, self.layers[-1], batch.num_requests, t.steps if steps is None else steps,
-                               t.learning_rate, t.kl_factor, t.weight_decay, t.clamp_norm_factor, t.stop_nll)
+        fn = _target_optimiser(self.config, self.layers[-1], batch.num_requests, t.learning_rate, t.kl_factor,
+                               t.weight_decay, t.clamp_norm_factor, t.stop_nll)
         plain = jax.device_put(np.arange(batch.num_requests, dtype=np.int32) * batch.num_contexts, NamedSharding(self.mesh, PartitionSpec()))
         with activation_sharding(self.mesh):
-            return tuple(to_host(x) for x in fn(self.params, plain, *arrays))
+            return tuple(to_host(x) for x in fn(self.params, plain, t.steps if steps is None else steps, *arrays))
 
-    def _request_keys(self, batch: EditBatch, arrays: tuple[jax.Array, ...], layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys of `layer` averaged over each request's contexts [R, F], and the current z of its plain prompt [R, D]."""
+    def _request_keys(self, batch: EditBatch, arrays: tuple[jax.Array, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Keys of every edited layer averaged over each request's contexts [L, R, F], and the current z of its
+        plain prompt [R, D]."""
+        fn = _keys_and_residual(self.config, tuple(self.layers), self.layers[-1])
         with activation_sharding(self.mesh):
-            keys, z = (to_host(x) for x in _keys_and_residual(self.config, layer, self.layers[-1])(self.params, *arrays[:2], arrays[2]))
+            keys, z = (to_host(x) for x in fn(self.params, *arrays[:3]))
         r, c = batch.num_requests, batch.num_contexts
-        return keys[: r * c].reshape(r, c, -1).mean(axis=1), z[: r * c : c]
+        return keys[:, : r * c].reshape(len(self.layers), r, c, -1).mean(axis=2), z[: r * c : c]
 
     def target_nll(self, requests: Sequence[EditRequest]) -> np.ndarray:
         """Each request's NLL of its target (averaged over the context prefixes) under the current params."""
@@ -259,16 +265,16 @@ class Editor:
         z_star, z_start, nll_at_target = self._targets(batch, arrays)
         nll_before = self._targets(batch, arrays, steps=0)[2]
         norms = []
-        for i, layer in enumerate(self.layers):
-            keys, z = self._request_keys(batch, arrays, layer)
+        for i, layer in enumerate(self.layers):  # each layer's keys and z as the edits of the layers before left them
+            keys, z = self._request_keys(batch, arrays)
             residual = (z_star - z) / (len(self.layers) - i)
-            update = _closed_form(self.projectors[i], jnp.asarray(keys), jnp.asarray(self.state.previous[i]),
+            update = _closed_form(self.projectors[i], jnp.asarray(keys[i]), jnp.asarray(self.state.previous[i]),
                                   jnp.asarray(residual), float(self.cfg.l2))
             self.params = _add_to_layer(self.params, layer, update)
             norms.append(float(jnp.linalg.norm(update)))
-        for i, layer in enumerate(self.layers):
-            keys, _ = self._request_keys(batch, arrays, layer)
-            self.state.previous[i] += (keys.T @ keys).astype(np.float32)
+        keys, _ = self._request_keys(batch, arrays)
+        for i, layer_keys in enumerate(keys):
+            self.state.previous[i] += (layer_keys.T @ layer_keys).astype(np.float32)
         self.state.rounds += 1
         record = {
             "round": self.state.rounds, "requests": len(requests),
