@@ -174,7 +174,11 @@ class Evaluator:
         saved = self._saved("base", base)
         self.base_results = saved or self.suite.run(self.base, judge=None)
         encoder = SentenceEncoder.from_folder(fetch_minilm()) if self.suite.attacks else None
-        self.judge = self.suite.offline_judge(self.base, encoder.encode, self.base_results.get("probes")) if encoder else None
+        calibrated = self.base_results.get("judge", {}).get("max_perplexity")  # saved results: calibrated before
+        self.judge = (
+            self.suite.offline_judge(self.base, encoder.encode, self.base_results.get("probes"), calibrated)
+            if encoder else None
+        )
         if saved is None:
             if self.judge is not None:
                 self.base_results["harmful"] = self.suite.harmful(self.base, self.judge)

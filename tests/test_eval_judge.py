@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from eu_jax.eval.harmful import AttackPrompt
+from eu_jax.eval.suite import EvalSuite, get_eval_config
 from eu_jax.eval.judge import (
     Judge,
     OfflineJudge,
@@ -196,3 +197,14 @@ def test_rates_reject_mismatch_and_empty():
         attack_success_rates([AttackPrompt("harmbench", "raw", "b", "b")], [])
     with pytest.raises(ValueError, match="No verdicts"):
         attack_success_rates([], [])
+
+
+def test_a_saved_calibration_is_reused_without_scoring_the_base_again():
+    """A rerun of a workflow reads the base model's results back, with the threshold calibrated then; the
+    judge takes it instead of scoring the base model's probe answers again (a base that is used fails here)."""
+    unusable_base = object()
+    embed = lambda texts: np.ones((len(texts), 2))  # noqa: E731
+    assert EvalSuite(get_eval_config()).offline_judge(unusable_base, embed, calibrated=7.5).max_perplexity == 7.5
+    config = get_eval_config()
+    config.judge.max_perplexity = 3.0  # a threshold set by the user wins over a saved calibration
+    assert EvalSuite(config).offline_judge(unusable_base, embed, calibrated=7.5).max_perplexity == 3.0

@@ -171,15 +171,17 @@ class EvalSuite:
 
     # ---- the offline judge ------------------------------------------------------------------------
 
-    def offline_judge(self, base: EvalModel, embed_fn, base_probe_results: dict[str, Any] | None = None) -> OfflineJudge:
+    def offline_judge(self, base: EvalModel, embed_fn, base_probe_results: dict[str, Any] | None = None,
+                      calibrated: float | None = None) -> OfflineJudge:
         """The default judge, with fluency measured by `base` and its threshold calibrated on the base
-        model's own greedy answers to the probes (reused from `base_probe_results` when given)."""
+        model's own greedy answers to the probes (reused from `base_probe_results` when given), or the
+        threshold an earlier calibration of the same base and settings gave (`calibrated`)."""
         c = self.config.judge
 
         def perplexity(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
             return response_scores(base, prompts, responses, self.config.batch_size).perplexity()
 
-        threshold = c.max_perplexity
+        threshold = c.max_perplexity if c.max_perplexity > 0 else calibrated or 0.0
         if threshold <= 0:
             samples = (base_probe_results or self.probes(base))["samples"]
             own = perplexity([s["prompt"] for s in samples], [s["reply"] for s in samples])
