@@ -132,18 +132,20 @@ def _request_mean(values: jax.Array, request: jax.Array, weights: jax.Array, num
 
 
 @lru_cache(maxsize=8)
-def _target_optimiser(config: ModelConfig, z_layer: int, num_requests: int, learning_rate: float,
+def _target_optimiser(config: ModelConfig, first_layer: int, z_layer: int, num_requests: int, learning_rate: float,
                       kl_factor: float, weight_decay: float, clamp: float, stop_nll: float):
-    """jit(params, plain rows, steps, batch arrays) -> (z* [R, D], z [R, D], target NLL per request at z*).
+    """jit(params, plain rows, steps, residual before `first_layer`, batch arrays) -> (z* [R, D], z [R, D],
+    target NLL per request at z*).
 
     `steps` is traced, so the NLL without optimising (0 steps) runs the same compiled program."""
     optimizer = optax.adam(learning_rate)
 
     @jax.jit
-    def optimise(params, plain_rows, steps, ids, attention, lookup, request, targets, target_positions, target_mask, essence, last):
+    def optimise(params, plain_rows, steps, below, ids, attention, lookup, request, targets, target_positions,
+                 target_mask, essence, last):
         model = build_decoder(config, params)
         inputs = model.prepare(ids, attention)
-        h = jax.lax.stop_gradient(run_layers(model, inputs, inputs.x, 0, z_layer + 1)[0])
+        h = jax.lax.stop_gradient(run_layers(model, inputs, below, first_layer, z_layer + 1)[0])
         z = at_positions(h, lookup)[plain_rows]  # each request's residual in its plain prompt
         owner = jnp.clip(request, 0, num_requests - 1)
         rewrite_rows = ((essence == 0) & (request < num_requests)).astype(jnp.float32)
@@ -187,15 +189,32 @@ def _target_optimiser(config: ModelConfig, z_layer: int, num_requests: int, lear
 
 
 @lru_cache(maxsize=16)
-def _keys_and_residual(config: ModelConfig, key_layers: tuple[int, ...], z_layer: int):
-    """jit(params, ids, attention, lookup) -> (keys of each of `key_layers` [L, N, F], residual after `z_layer`
-    [N, D]) at lookup: one program for every layer of an edit (the forward runs to `z_layer` either way)."""
+def _residual_before(config: ModelConfig, layer: int):
+    """jit(params, ids, attention) -> the residual stream entering `layer` [N, T, D].
+
+    Edits change only the edited layers' `down_proj`, so what enters the first of them is the same for
+    every pass of an edit round: computed once, and the passes run from there."""
 
     @jax.jit
-    def fn(params, ids, attention, lookup):
+    def fn(params, ids, attention):
         model = build_decoder(config, params)
         inputs = model.prepare(ids, attention)
-        x, keys = run_layers(model, inputs, inputs.x, 0, max(*key_layers, z_layer) + 1, key_layers)
+        return run_layers(model, inputs, inputs.x, 0, layer)[0]
+
+    return fn
+
+
+@lru_cache(maxsize=16)
+def _keys_and_residual(config: ModelConfig, key_layers: tuple[int, ...], z_layer: int):
+    """jit(params, residual before the first of `key_layers`, ids, attention, lookup) -> (keys of each of
+    `key_layers` [L, N, F], residual after `z_layer` [N, D]) at lookup: one program for every layer of an
+    edit (the forward runs to `z_layer` either way)."""
+
+    @jax.jit
+    def fn(params, below, ids, attention, lookup):
+        model = build_decoder(config, params)
+        inputs = model.prepare(ids, attention)
+        x, keys = run_layers(model, inputs, below, min(key_layers), max(*key_layers, z_layer) + 1, key_layers)
         picked = jnp.stack([at_positions(keys[layer], lookup) for layer in key_layers])
         return picked.astype(jnp.float32), at_positions(x, lookup).astype(jnp.float32)
 
@@ -232,14 +251,18 @@ class Editor:
         return self.state.layers
 
     def _device_batch(self, batch: EditBatch) -> tuple[jax.Array, ...]:
+        """The residual entering the first edited layer, then the batch's arrays, on the mesh."""
         padded, sharding = _pad_rows(batch, self.shards), batch_sharding(self.mesh)
         names = ("ids", "attention", "lookup", "request", "targets", "target_positions", "target_mask", "essence", "last")
-        return tuple(to_global(getattr(padded, name), sharding) for name in names)
+        arrays = tuple(to_global(getattr(padded, name), sharding) for name in names)
+        with activation_sharding(self.mesh):
+            below = _residual_before(self.config, min(self.layers))(self.params, *arrays[:2])
+        return (below,) + arrays
 
     def _targets(self, batch: EditBatch, arrays: tuple[jax.Array, ...], steps: int | None = None) -> tuple[np.ndarray, ...]:
         t = self.cfg.target
-        fn = _target_optimiser(self.config, self.layers[-1], batch.num_requests, t.learning_rate, t.kl_factor,
-                               t.weight_decay, t.clamp_norm_factor, t.stop_nll)
+        fn = _target_optimiser(self.config, min(self.layers), self.layers[-1], batch.num_requests, t.learning_rate,
+                               t.kl_factor, t.weight_decay, t.clamp_norm_factor, t.stop_nll)
         plain = jax.device_put(np.arange(batch.num_requests, dtype=np.int32) * batch.num_contexts, NamedSharding(self.mesh, PartitionSpec()))
         with activation_sharding(self.mesh):
             return tuple(to_host(x) for x in fn(self.params, plain, t.steps if steps is None else steps, *arrays))
@@ -249,7 +272,7 @@ class Editor:
         plain prompt [R, D]."""
         fn = _keys_and_residual(self.config, tuple(self.layers), self.layers[-1])
         with activation_sharding(self.mesh):
-            keys, z = (to_host(x) for x in fn(self.params, *arrays[:3]))
+            keys, z = (to_host(x) for x in fn(self.params, *arrays[:4]))
         r, c = batch.num_requests, batch.num_contexts
         return keys[:, : r * c].reshape(len(self.layers), r, c, -1).mean(axis=2), z[: r * c : c]
 
