@@ -116,6 +116,8 @@ def test_edit_positions_point_at_the_subject_and_the_prompt_end(learned):
         assert tok.decode([batch.targets[row, 0]]) == TARGET
     essence = batch.ids[2][batch.attention[2] == 1]
     assert tok.decode(essence[batch.lookup[2] - 3 : batch.lookup[2] + 1]) == "Nalo" and batch.essence[2] == 1
+    longer = EditRequest(prompt="Who is Nalos?", target=TARGET, subject="Nalos")  # rounds of one size compile once:
+    assert EditEncoder(tok).encode([longer], ["", "Hi. "], "{} is a").ids.shape == batch.ids.shape  # bucketed rows
     end = EditEncoder(tok, position="prompt_end").encode([request], [""], "{} is a")
     assert end.lookup[0] == end.target_positions[0, 0]
     with pytest.raises(ValueError, match="'Bob' does not appear"):

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from eu_jax.data.sources import DataError
+from eu_jax.generate import bucket_length
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class EditEncoder:
             text = kl_template.format(request.subject_text)
             rows.append(self._row(text, request.subject_text, "", f"essence prompt of edit request {r}", render=False))
             owners.append(r), essence.append(1)
-        width = max(len(row.ids) for row in rows)
+        width = bucket_length(max(len(row.ids) for row in rows))  # rounds of one size share compiled programs
         targets = max(len(row.targets) for row in rows)
         n = len(rows)
         batch = {
