@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # torch is pinned to the CPU build this project is tested with (a looser pin pulls CUDA wheels).
 TORCH_PIN ?= torch==2.13.0
-PYTEST_ARGS ?=
+# The slowest tests are listed after each run, to keep the suite's time (CI allows 30 minutes) in view.
+PYTEST_ARGS ?= --durations=15
 # Two pytest workers (a test file stays on one worker, so its module fixtures are built once): much of the
 # suite is single-threaded XLA compilation, so two workers on 2 cores take ~2/3 of one's time. 0: one process.
 # Files are handed out in name order, so the two bench smoke-test files (minutes each) start first, one per worker.
