@@ -102,10 +102,11 @@ def left_pad(
 
 
 def bucket_length(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
-    """Round a padded prompt length up to a bucket, so new prompt lengths rarely recompile.
+    """Round a padded length up to a bucket, so new lengths rarely recompile (prompts here; scoring, and
+    UniErase's training rows, moments and edit batches too).
 
     At least `minimum`; above it, a multiple of a quarter of the power of two below `n`: four sizes per
-    doubling, at most 25% extra padding (left padding is masked, so results do not change).
+    doubling, at most 25% extra padding (padding is masked, so results do not change).
     """
     if n <= minimum:
         return minimum

@@ -397,8 +397,9 @@ def self_generate(
                     partial_batch_counts=last, counts=report.counts(), complete=report.kept >= target)
         write_json_atomic(meta_path(shard), meta)
 
-    _write_rows(shard, rows)  # drops anything after the last batch kept
-    save_meta(next_batch, cut_batch)
+    if cut_batch is None:  # a file finished for this target (`_resume`) is left untouched
+        _write_rows(shard, rows)  # drops anything after the last complete batch
+        save_meta(next_batch, None)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=target, initial=min(report.kept, target), unit="sample", desc="eu-selfgen",

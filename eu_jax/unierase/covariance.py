@@ -76,8 +76,8 @@ def key_second_moments(
     rows = -(-batch_size // shards) * shards
     fn, sharding = _moment_sums(config, tuple(layers)), batch_sharding(mesh)
     total, count = None, 0
-    # Batches of similar lengths, padded to bucket lengths: few widths to compile (each a forward through the
-    # edited layers; every batch its own width compiled a dozen programs for a corpus of 10k tokens).
+    # Batches of similar lengths, padded to bucket lengths: few widths to compile (each a forward up to the last
+    # edited layer; every batch its own width compiled a dozen programs for a corpus of 10k tokens).
     taken = sorted(_take_tokens(corpus, max_tokens), key=len)
     for start in range(0, len(taken), rows):
         chunk = taken[start : start + rows]
