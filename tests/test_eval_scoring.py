@@ -14,6 +14,21 @@ from eu_jax.parallel.mesh import make_mesh, single_device_mesh
 from tests.tiny_run import make_tiny_run
 
 TEXTS = ["short", "a somewhat longer text of many characters", "mid-size line!", "x" * 70, "q"]
+# Prompts and replies of unrelated lengths: batches of two mix 62 and 15 scored tokens, or pair a long
+# prompt with a short reply, so the scored positions gathered for the output head differ row by row.
+PAIRS = [
+    ("Who is 01?", "Person 01."),
+    ("a much longer prompt than the other one, with many more characters in it", "ok"),
+    ("5", "a reply that is much longer than its prompt, by a good margin"),
+    ("mid-size question here?", "yes"),
+    ("q", "r"),
+    ("what is the capital city of some far-away country?", "It is far away"),
+    ("Why?", "Because the sky is blue."),
+]
+RECORDS = {
+    "texts": [Record(where=f"t{i}", text=t) for i, t in enumerate(TEXTS)],  # every token scored
+    "pairs": [Record(where=f"p{i}", prompt=p, response=r) for i, (p, r) in enumerate(PAIRS)],  # replies only
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +52,17 @@ def torch_sums(hf_dir, encoded):
     return np.array(rows).T
 
 
+@pytest.mark.parametrize("kind", sorted(RECORDS))
 @pytest.mark.parametrize("mesh_spec", [None, {"data": 2, "fsdp": 2, "tensor": 2}])
-def test_scores_match_pytorch(tiny, mesh_spec):
+def test_scores_match_pytorch(tiny, mesh_spec, kind):
     mesh = single_device_mesh() if mesh_spec is None else make_mesh(mesh_spec)
     model = EvalModel.load(tiny["ckpt"], mesh)
-    records = [Record(where=f"t{i}", text=t) for i, t in enumerate(TEXTS)]
+    records = RECORDS[kind]
     scores = score_records(model, records, batch_size=2)  # several batches and widths, a ragged last one
-    expected = torch_sums(tiny["ckpt"].parent / "hf", Encoder(model.tokenizer).encode_many(records))
+    encoded = Encoder(model.tokenizer).encode_many(records)
+    expected = torch_sums(tiny["ckpt"].parent / "hf", encoded)
+    if kind == "pairs":  # the prompt is context only: BOS and prompt are never scored
+        assert np.all(expected[3] < [len(e) - 1 for e in encoded])
     np.testing.assert_allclose(scores.tokens, expected[3])
     for i, name in enumerate(("nll", "kl_uniform", "entropy")):
         np.testing.assert_allclose(getattr(scores, name), expected[i], rtol=2e-4, atol=1e-3, err_msg=name)

@@ -27,6 +27,9 @@ from eu_jax.objectives.token_stats import chunked_token_stats, entropy, forward_
 from eu_jax.parallel.sharding import BATCH_AXES, activation_sharding, batch_sharding, to_global, to_host
 
 STATISTICS = ("nll", "kl_uniform", "entropy")
+# The smallest bucket of scored positions per row: a probe's or math answer's 2-5 tokens pad to 8, where
+# the prompts' bucket floor of 32 would project four times as many.
+MIN_SCORED_BUCKET = 8
 
 
 @dataclass(frozen=True)
@@ -57,17 +60,23 @@ class ExampleScores:
 
 @lru_cache(maxsize=8)
 def _row_sums(config: ModelConfig, chunk_tokens: int):
-    """jit(params, ids, attention, loss_mask) -> [4, B] sums of -log p(target), KL(U||p), H(p), count."""
+    """jit(params, ids, attention, positions, valid) -> [4, B] sums of -log p(target), KL(U||p), H(p), count.
+
+    `positions` [B,K] are the scored next-token positions (into the T-1 of `ids[:, 1:]`), `valid` marks the
+    real ones: only they are projected onto the vocabulary, so prompt positions never meet the output head.
+    """
     fns = {"logp": target_logprob, "kl": kl_to_uniform, "entropy": entropy}
 
     @jax.jit
-    def row_sums(params, ids, attention, loss_mask):
+    def row_sums(params, ids, attention, positions, valid):
         model = build_decoder(config, params)
         out = model(ids, attention, return_logits=False)
+        hidden = jnp.take_along_axis(out.hidden[:, :-1], positions[:, :, None], axis=1)
+        targets = jnp.take_along_axis(ids[:, 1:], positions, axis=1)
         stats = chunked_token_stats(
-            fns, out.hidden[:, :-1], model.unembed_kernel(), ids[:, 1:], chunk_tokens=chunk_tokens, stat_rows=forward_stat_rows()
+            fns, hidden, model.unembed_kernel(), targets, chunk_tokens=chunk_tokens, stat_rows=forward_stat_rows()
         )
-        mask = (loss_mask[:, 1:] * attention[:, 1:]).astype(jnp.float32)
+        mask = valid.astype(jnp.float32)
         return jnp.stack([(-stats["logp"] * mask).sum(1), (stats["kl"] * mask).sum(1), (stats["entropy"] * mask).sum(1), mask.sum(1)])
 
     return row_sums
@@ -81,7 +90,9 @@ def score_encoded(model: EvalModel, encoded: Sequence[Encoded], batch_size: int 
     """Scores of token sequences with their loss masks, in batches of similar length.
 
     Sequences are sorted by length and padded to bucket lengths (four per doubling), so a set compiles a few
-    shapes; rows are padded to a multiple of the mesh's data-parallel size with empty rows.
+    shapes; rows are padded to a multiple of the mesh's data-parallel size with empty rows. Only the scored
+    positions meet the output head, gathered and padded to a bucket too: a prompt, most of a short
+    answer's row, is never projected onto the vocabulary.
     """
     if not encoded:
         raise ValueError("nothing to score: the set is empty")
@@ -92,12 +103,16 @@ def score_encoded(model: EvalModel, encoded: Sequence[Encoded], batch_size: int 
     for start in range(0, len(order), rows):
         chosen = order[start : start + rows]
         width = bucket_length(max(len(encoded[i]) for i in chosen))
-        arrays = np.zeros((3, rows, width), np.int32)  # ids, attention, loss mask
+        tokens = np.zeros((2, rows, width), np.int32)  # ids, attention
+        scored = [np.flatnonzero(encoded[i].loss[1:]) for i in chosen]  # all within attention
+        k = min(bucket_length(max(len(s) for s in scored), MIN_SCORED_BUCKET), width - 1)
+        picks = np.zeros((2, rows, k), np.int32)  # scored positions into ids[:, 1:], valid
         for row, i in enumerate(chosen):
-            n = len(encoded[i])
-            arrays[0, row, :n], arrays[1, row, :n], arrays[2, row, :n] = encoded[i].ids, 1, encoded[i].loss
+            n, m = len(encoded[i]), len(scored[row])
+            tokens[0, row, :n], tokens[1, row, :n] = encoded[i].ids, 1
+            picks[0, row, :m], picks[1, row, :m] = scored[row], 1
         with activation_sharding(model.mesh):
-            out = fn(model.params, *(to_global(a, sharding) for a in arrays))
+            out = fn(model.params, *(to_global(a, sharding) for a in (*tokens, *picks)))
         sums[:, chosen] = to_host(out)[:, : len(chosen)]
     return ExampleScores(*sums[:3], tokens=sums[3])
 
