@@ -7,7 +7,11 @@ sampling, stop checks, the decode loop) is one jitted function, so no Python run
 Recompilation is kept rare: the padded prompt length is rounded up to a bucket (`bucket_length`),
 the EOS and stop-sequence arrays to fixed multiples, and the sampling knobs and the seed are traced
 values. A compilation is selected by the model, `max_new_tokens`, greedy or not, the mesh, the batch
-size and the bucketed lengths only.
+size, the bucketed lengths and the length of a shared beginning (below) only.
+
+Prompts that begin alike (an evaluation's jailbreak template around different requests) have their
+common beginning prefilled once and shared by every row's cache (`shared_prefix_length`); the rest of
+each prompt is prefilled after it, left-padded, against that cache.
 
 Sampling is reproducible: row r at step s draws with fold_in(fold_in(key(seed), s), r), so a row's
 tokens depend on the seed, its index and its own prompt, not on the other rows or on the padding.
@@ -34,6 +38,9 @@ FinishReason = Literal["eos", "stop", "length"]
 _LENGTH, _EOS, _STOP = 0, 1, 2
 _REASONS: tuple[FinishReason, ...] = ("length", "eos", "stop")
 MIN_PROMPT_BUCKET = 32
+# A common beginning is shared when it is at least this long, cut to a multiple of the step (few compiled shapes).
+MIN_SHARED_PREFIX = 64
+SHARED_PREFIX_STEP = 32
 
 
 @dataclass(frozen=True)
@@ -287,12 +294,39 @@ def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     )
 
 
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares and `generate` prefills once: their longest common
+    beginning, cut to a multiple of `SHARED_PREFIX_STEP` and short of every prompt's last token (whose
+    logits start decoding), or 0 when that is under `MIN_SHARED_PREFIX` tokens or there is one prompt."""
+    if len(prompts) < 2:
+        return 0
+    first, shortest = prompts[0], min(len(p) for p in prompts)
+    common = 0
+    while common < shortest - 1 and all(p[common] == first[common] for p in prompts):
+        common += 1
+    common -= common % SHARED_PREFIX_STEP
+    return common if common >= MIN_SHARED_PREFIX else 0
+
+
+def _prefill(model: Decoder, prefix_ids, input_ids, attention_mask, slots: int) -> DecoderOutput:
+    """The prompts into a new cache of `slots` slots. With `prefix_ids` ([shards, P]: the shared beginning,
+    once per data-parallel shard so it splits like the batch), that is prefilled on its own, its cache
+    repeated for every row, and the prompts' remainders (`input_ids`) run after it against that cache."""
+    if prefix_ids is None:
+        return model.prefill(input_ids, attention_mask, slots, return_logits=False)
+    shared = model.prefill(prefix_ids, jnp.ones_like(prefix_ids), slots, return_logits=False).cache
+    repeat = partial(jnp.repeat, repeats=input_ids.shape[0] // prefix_ids.shape[0], axis=0)
+    cache = shared.replace(k=tuple(map(repeat, shared.k)), v=tuple(map(repeat, shared.v)), positions=repeat(shared.positions))
+    return model(input_ids, attention_mask, cache=cache, return_logits=False)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "mesh"))
 def _generate_loop(
-    graphdef, state, input_ids, attention_mask, live, stops, knobs, pad_id, max_new_tokens, greedy, mesh
+    graphdef, state, prefix_ids, input_ids, attention_mask, live, stops, knobs, pad_id, max_new_tokens, greedy, mesh
 ):
-    """Prefill, then decode until every row is done or `max_new_tokens` are out. Returns
-    (new tokens [B, max_new_tokens], finish reason, length, end length), each per row."""
+    """Prefill (after the shared `prefix_ids` when given), then decode until every row is done or
+    `max_new_tokens` are out. Returns (new tokens [B, max_new_tokens], finish reason, length, end length),
+    each per row."""
     with activation_sharding(mesh) if mesh is not None else nullcontext():
         model: Decoder = nnx.merge(graphdef, state)
         # XLA's CPU backend copies a layer's weights out of the stack whenever a step slices them, so on CPU
@@ -300,7 +334,8 @@ def _generate_loop(
         # that memory matters more (large models on accelerators; not measured here) and steps slice as before.
         layers = model.layer_states() if jax.default_backend() == "cpu" else None
         batch, prompt_len = input_ids.shape
-        out = model.prefill(input_ids, attention_mask, prompt_len + max_new_tokens, return_logits=False)
+        shared_len = 0 if prefix_ids is None else prefix_ids.shape[1]
+        out = _prefill(model, prefix_ids, input_ids, attention_mask, shared_len + prompt_len + max_new_tokens)
         start = _Decoding(
             step=jnp.int32(0),
             cache=_constrain_cache(out.cache, mesh),
@@ -347,23 +382,27 @@ def generate(
 
     A row ends at the first token in `eos_token_ids` (finish reason "eos") or when its new tokens end
     with one of `stop_sequences` (token-id sequences, matched on generated tokens only; "stop"); the
-    ending is kept in `tokens` and left out of `content`. With `mesh`, the params must already be
+    ending is kept in `tokens` and left out of `content`. A long beginning that every prompt shares is
+    prefilled once (`shared_prefix_length`). With `mesh`, the params must already be
     sharded on it; the batch is split over its data-parallel axes (padded with dummy rows to divide
     them) and activations are constrained to that layout.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
     rows = _batch_rows(len(prompts), mesh)
-    padded = list(prompts) + [[pad_id]] * (rows - len(prompts))
-    ids, mask = left_pad(padded, pad_id, width=bucket_length(max(len(p) for p in prompts)))
+    shared = shared_prefix_length(prompts)
+    rests = [p[shared:] for p in prompts]
+    padded = rests + [[pad_id]] * (rows - len(prompts))
+    ids, mask = left_pad(padded, pad_id, width=bucket_length(max(len(p) for p in rests)))
     live = np.arange(rows) < len(prompts)
+    prefix = np.tile(np.asarray(prompts[0][:shared], np.int32), (_batch_rows(1, mesh), 1)) if shared else None
     stops, knobs = _Stops.of(eos_token_ids, stop_sequences), _Knobs.of(sampling)
     if mesh is not None:
-        ids, mask, live = jax.device_put((ids, mask, live), batch_sharding(mesh))
+        ids, mask, live, prefix = jax.device_put((ids, mask, live, prefix), batch_sharding(mesh))
         stops, knobs = jax.device_put((stops, knobs), NamedSharding(mesh, PartitionSpec()))
     graphdef, state = nnx.split(model)
     outputs = _generate_loop(
-        graphdef, state, ids, mask, live, stops, knobs, np.int32(pad_id), sampling.max_new_tokens, sampling.greedy, mesh
+        graphdef, state, prefix, ids, mask, live, stops, knobs, np.int32(pad_id), sampling.max_new_tokens, sampling.greedy, mesh
     )
     tokens, reasons, lengths, end_lengths = (to_host(x)[: len(prompts)] for x in outputs)
     return GenerationResult(

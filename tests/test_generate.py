@@ -18,7 +18,7 @@ from scipy import stats
 import eu_jax.generate_cli as cli
 from eu_jax.convert.checkpoint import HF_FILES_DIR, load_params
 from eu_jax.convert.hf_import import import_checkpoint
-from eu_jax.generate import SamplingConfig, bucket_length, filter_logits, generate
+from eu_jax.generate import SamplingConfig, bucket_length, filter_logits, generate, shared_prefix_length
 from eu_jax.models import llama
 from eu_jax.models.state import build_decoder, params_shardings
 from eu_jax.parallel.mesh import make_mesh
@@ -71,22 +71,46 @@ def test_greedy_matches_transformers_generate_on_left_padded_batch(tiny, backend
     """On CPU the layers' weights are sliced once before the decoding loop; elsewhere inside each step."""
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     jax.clear_caches()  # trace the sampler again under this backend's choice
-    width = max(map(len, PROMPTS))
-    ids = torch.zeros((len(PROMPTS), width), dtype=torch.long)
+    assert_greedy_matches(greedy(tiny.decoder, PROMPTS, eos_token_ids=[2]).completions, transformers_greedy(tiny, PROMPTS))
+
+
+def transformers_greedy(tiny, prompts, max_new_tokens=NEW_TOKENS):
+    """transformers' greedy continuations of the prompts, left-padded into one batch."""
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(PROMPTS):
+    for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = torch.as_tensor(prompt), 1
     with torch.no_grad():
-        expected = tiny.hf.generate(
-            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=2, pad_token_id=0
-        )[:, width:].tolist()
-    result = greedy(tiny.decoder, PROMPTS, eos_token_ids=[2])
-    for row, completion in enumerate(result.completions):
+        out = tiny.hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+def assert_greedy_matches(completions, expected):
+    for row, completion in enumerate(completions):
         assert completion.tokens == expected[row][: len(completion.tokens)]
         if completion.finish_reason == "eos":
             assert completion.tokens[-1] == 2 and completion.content == completion.tokens[:-1]
         else:
             assert completion.finish_reason == "length" and len(completion.tokens) == NEW_TOKENS
+
+
+# A template-like beginning of 70 tokens (no EOS, no padding id) and requests of different lengths after it.
+TEMPLATE = [int(t) for t in np.random.default_rng(7).integers(3, 256, 70)]
+TEMPLATED_PROMPTS = [TEMPLATE + [60], TEMPLATE + [61, 62, 63, 64, 65], TEMPLATE + list(range(100, 112))]
+
+
+def test_shared_beginnings_are_cut_to_a_step_and_short_of_the_last_token():
+    assert shared_prefix_length(TEMPLATED_PROMPTS) == 64
+    assert shared_prefix_length([TEMPLATE[:65], TEMPLATE[:65]]) == 64  # identical prompts keep their last token
+    assert shared_prefix_length([TEMPLATE[:64], TEMPLATE[:64]]) == 0  # 63 shareable tokens: 32 once cut, under 64
+    assert shared_prefix_length([TEMPLATE + [1], [9] + TEMPLATE]) == 0
+    assert shared_prefix_length(TEMPLATED_PROMPTS[:1]) == 0
+
+
+def test_prompts_sharing_a_beginning_match_transformers_generate(tiny, cache_reads):
+    assert_greedy_matches(greedy(tiny.decoder, TEMPLATED_PROMPTS, eos_token_ids=[2]).completions,
+                          transformers_greedy(tiny, TEMPLATED_PROMPTS))
 
 
 def test_prompt_lengths_are_bucketed():
@@ -258,6 +282,13 @@ def test_eight_device_mesh_gives_the_single_device_tokens(tiny, sharded, cache_r
     mesh, decoder = sharded
     expected = greedy(tiny.decoder, PROMPTS, eos_token_ids=[2]).completions
     assert greedy(decoder, PROMPTS, eos_token_ids=[2], mesh=mesh).completions == expected
+
+
+def test_eight_device_mesh_shares_a_beginning_as_one_device_does(tiny, sharded):
+    # The shared beginning is prefilled once per data-parallel shard (4 here) and repeated over its rows.
+    mesh, decoder = sharded
+    expected = greedy(tiny.decoder, TEMPLATED_PROMPTS, eos_token_ids=[2]).completions
+    assert greedy(decoder, TEMPLATED_PROMPTS, eos_token_ids=[2], mesh=mesh).completions == expected
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (20, 0.9)], ids=["unfiltered", "top_k_and_top_p"])

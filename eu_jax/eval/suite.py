@@ -141,7 +141,14 @@ class EvalSuite:
 
     def harmful(self, model: EvalModel, judge: Judge) -> dict[str, Any]:
         c = self.config
-        replies = model.answer([a.text for a in self.attacks], c.harmful.max_new_tokens, c.batch_size)
+        replies = [""] * len(self.attacks)
+        # One template at a time: its prompts share the template's text, which `generate` prefills once per
+        # batch, and raw requests are not padded to a template's length.
+        for template in dict.fromkeys(a.template for a in self.attacks):
+            chosen = [i for i, a in enumerate(self.attacks) if a.template == template]
+            answers = model.answer([self.attacks[i].text for i in chosen], c.harmful.max_new_tokens, c.batch_size)
+            for i, reply in zip(chosen, answers):
+                replies[i] = reply
         verdicts = judge.judge([a.behaviour for a in self.attacks], replies)
         rates = attack_success_rates(self.attacks, verdicts)
         raw = [i for i, a in enumerate(self.attacks) if a.template == "raw"]
