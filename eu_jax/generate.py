@@ -19,6 +19,7 @@ tokens depend on the seed, its index and its own prompt, not on the other rows o
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -300,10 +301,7 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     logits start decoding), or 0 when that is under `MIN_SHARED_PREFIX` tokens or there is one prompt."""
     if len(prompts) < 2:
         return 0
-    first, shortest = prompts[0], min(len(p) for p in prompts)
-    common = 0
-    while common < shortest - 1 and all(p[common] == first[common] for p in prompts):
-        common += 1
+    common = min(len(os.path.commonprefix([list(p) for p in prompts])), min(len(p) for p in prompts) - 1)
     common -= common % SHARED_PREFIX_STEP
     return common if common >= MIN_SHARED_PREFIX else 0
 
