@@ -63,8 +63,8 @@ class KVCache:
     simply hold -1 positions in their padding slots, which masks them out.
     """
 
-    k: tuple[jax.Array, ...]  # per layer: [batch, kv_heads, slots, head_dim]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...]  # per layer: [batch, kv_heads, head_dim, slots] (slots last: see `_one_query_attention`)
+    v: tuple[jax.Array, ...]  # per layer: [batch, kv_heads, slots, head_dim]
     positions: jax.Array  # [batch, slots] int32
     index: jax.Array  # [] int32
 
@@ -73,7 +73,8 @@ class KVCache:
         """An empty cache. Each layer's keys and values are arrays of their own, so a decoding step updates
         them in place and never slices a layer out of a stacked array (see `Decoder.layer_states`)."""
         shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-        k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)) for _ in range(2))
+        key_shape = (batch, config.num_kv_heads, config.head_dim, max_len)
+        k, v = (tuple(jnp.zeros(s, dtype) for _ in range(config.num_layers)) for s in (key_shape, shape))
         return cls(k=k, v=v, positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
@@ -141,10 +142,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None):
         """x [B,T,D]; mask [B,T,S] (or [B,T] segment ids for the fused kernel, `Decoder.prepare`); with a cache,
-        k/v_cache [B,K,S,H] get this step's keys at `index`.
+        k_cache [B,K,H,S] and v_cache [B,K,S,H] get this step's keys and values at slot `index`, and are returned
+        in that layout (without a cache, this call's own keys and values, both [B,K,T,H]).
 
-        Keys and values are kept heads-first ([B,K,S,H]): the score and value products then read a cache in
-        place, where a [B,S,K,H] cache was transposed whole in every decoding step."""
+        Keys and values are kept heads-first: the score and value products then read a cache in place, where a
+        [B,S,K,H] cache was transposed whole in every decoding step."""
         q = self._project(x, self.q_proj, "q_bias")
         k = self._project(x, self.k_proj, "k_bias")
         v = self._project(x, self.v_proj, "v_bias")
@@ -153,15 +155,15 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         if k_cache is not None:
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
+            k = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 2, 3).astype(k_cache.dtype), (0, 0, 0, index))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
         k, v = k.astype(self.dtype), v.astype(self.dtype)
-        if mask.ndim == 2:
-            out = fused_attention.attend(self.kernel, q, k, v, mask, self.scale, self.window)
-        elif k_cache is None and 0 < self.block < q.shape[1]:
-            out = _block_causal_attention(q, k, v, mask, self.scale, self.block)
-        elif k_cache is not None:
+        if k_cache is not None:
             out = _cached_attention(q, k, v, mask, self.scale, used_slots=index + q.shape[1])
+        elif mask.ndim == 2:
+            out = fused_attention.attend(self.kernel, q, k, v, mask, self.scale, self.window)
+        elif 0 < self.block < q.shape[1]:
+            out = _block_causal_attention(q, k, v, mask, self.scale, self.block)
         else:
             out = _grouped_attention(q, k, v, mask, self.scale)
         y = dense(out, self.o_proj[...].astype(self.dtype), contract=2)
@@ -175,8 +177,6 @@ def _grouped_attention(q, k, v, mask, scale):
     b, t, n, h = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    if t == 1:
-        return _one_query_attention(q[:, 0], k, v, mask[:, 0], scale).reshape(b, 1, n, h)
     scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -197,16 +197,22 @@ def cache_prefixes(slots: int, most: int = 8, multiple: int = 16, min_slots: int
 
 
 def _cached_attention(q, k, v, mask, scale, used_slots):
-    """`_grouped_attention` against the cache's first `used_slots` slots, rounded up to a `cache_prefixes` length.
+    """Attention of q [B,T,N,H] to a cache (k [B,K,H,S], v [B,K,S,H]) read up to its first `used_slots` slots,
+    rounded up to a `cache_prefixes` length; one query per row (a decoding step) goes to `_one_query_attention`.
 
     All rows fill the cache's slots in lockstep from slot 0, so the slots past `used_slots` hold no key yet
     and are masked; the cache is allocated for the prompt plus every new token, so reading it whole spent
     about half of a generation's attention passes (and most of the prefill's scores) on them. Each prefix
     length is a branch of one `lax.switch` on a static slice of the cache."""
-    prefixes = cache_prefixes(k.shape[2])
+    prefixes = cache_prefixes(k.shape[3])
+    b, t, n, h = q.shape
 
     def attend_prefix(length, q, k, v, mask):
-        return _grouped_attention(q, k[:, :, :length], v[:, :, :length], mask[..., :length], scale)
+        k, v, mask = k[..., :length], v[:, :, :length], mask[..., :length]
+        if t > 1:
+            return _grouped_attention(q, jnp.swapaxes(k, 2, 3), v, mask, scale)
+        grouped = q.reshape(b, k.shape[1], n // k.shape[1], h)
+        return _one_query_attention(grouped, k, v, mask[:, 0], scale).reshape(b, 1, n, h)
 
     branches = [functools.partial(attend_prefix, length) for length in prefixes]
     branch = jnp.searchsorted(jnp.asarray(prefixes), used_slots)  # the first prefix holding them all
@@ -214,15 +220,16 @@ def _cached_attention(q, k, v, mask, scale, used_slots):
 
 
 def _one_query_attention(q, k, v, mask, scale):
-    """One query per row (a decoding step): q [B,K,G,H], k/v [B,K,S,H], mask [B,S] -> [B,K,G,H].
+    """One query per row (a decoding step): q [B,K,G,H], k [B,K,H,S], v [B,K,S,H], mask [B,S] -> [B,K,G,H].
 
     Written as products summed over an axis rather than as two batched matmuls: with one query the
     products are matrix-vector shaped, which XLA's CPU backend ran through its generic dot emitter at a few
     GFLOP/s (0.5 ms per layer for the value product at batch 16, profiled), while a multiply-and-sum
-    fuses into one pass over each cache array (bench/generate.py times the sampler). fp32 throughout,
-    as the matmul form's scores and accumulation."""
+    fuses into one pass over each cache array (bench/generate.py times the sampler). The keys lie slots
+    last, so the scores sum over a non-minor axis, vectorised along the slots (BENCHMARKS.md's generation
+    findings). fp32 throughout, as the matmul form's scores and accumulation."""
     f32 = jnp.float32
-    scores = jnp.sum(q.astype(f32)[:, :, :, None] * k.astype(f32)[:, :, None], axis=-1) * scale  # [B,K,G,S]
+    scores = jnp.sum(q.astype(f32)[..., None] * k.astype(f32)[:, :, None], axis=3) * scale  # [B,K,G,S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     return jnp.sum(probs[..., None] * v.astype(f32)[:, :, None], axis=3).astype(v.dtype)
@@ -405,7 +412,7 @@ class Decoder(nnx.Module):
             return jax.lax.dynamic_update_slice(cache_slots, prompt.astype(cache_slots.dtype), (0,) * cache_slots.ndim)
 
         cache = KVCache(
-            k=tuple(fill(empty_k, keys[i]) for i, empty_k in enumerate(empty.k)),
+            k=tuple(fill(empty_k, jnp.swapaxes(keys[i], 2, 3)) for i, empty_k in enumerate(empty.k)),
             v=tuple(fill(empty_v, values[i]) for i, empty_v in enumerate(empty.v)),
             positions=fill(empty.positions, inputs.key_positions),
             index=jnp.asarray(t, jnp.int32),
