@@ -78,6 +78,11 @@ class KVCache:
         return cls(k=k, v=v, positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
+def _swap_slots_last(keys: jax.Array) -> jax.Array:
+    """Keys [B,K,T,H] <-> the cache's [B,K,H,T] layout (slots last, see `_one_query_attention`); its own inverse."""
+    return jnp.swapaxes(keys, 2, 3)
+
+
 @flax.struct.dataclass
 class LayerInputs:
     """What every layer takes: the embedded tokens and the attention mask and rotary tables."""
@@ -155,7 +160,7 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         if k_cache is not None:
-            k = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 2, 3).astype(k_cache.dtype), (0, 0, 0, index))
+            k = jax.lax.dynamic_update_slice(k_cache, _swap_slots_last(k).astype(k_cache.dtype), (0, 0, 0, index))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
         k, v = k.astype(self.dtype), v.astype(self.dtype)
         if k_cache is not None:
@@ -210,7 +215,7 @@ def _cached_attention(q, k, v, mask, scale, used_slots):
     def attend_prefix(length, q, k, v, mask):
         k, v, mask = k[..., :length], v[:, :, :length], mask[..., :length]
         if t > 1:
-            return _grouped_attention(q, jnp.swapaxes(k, 2, 3), v, mask, scale)
+            return _grouped_attention(q, _swap_slots_last(k), v, mask, scale)
         grouped = q.reshape(b, k.shape[1], n // k.shape[1], h)
         return _one_query_attention(grouped, k, v, mask[:, 0], scale).reshape(b, 1, n, h)
 
@@ -412,7 +417,7 @@ class Decoder(nnx.Module):
             return jax.lax.dynamic_update_slice(cache_slots, prompt.astype(cache_slots.dtype), (0,) * cache_slots.ndim)
 
         cache = KVCache(
-            k=tuple(fill(empty_k, jnp.swapaxes(keys[i], 2, 3)) for i, empty_k in enumerate(empty.k)),
+            k=tuple(fill(empty_k, _swap_slots_last(keys[i])) for i, empty_k in enumerate(empty.k)),
             v=tuple(fill(empty_v, values[i]) for i, empty_v in enumerate(empty.v)),
             positions=fill(empty.positions, inputs.key_positions),
             index=jnp.asarray(t, jnp.int32),
