@@ -1,5 +1,8 @@
-"""A CPU host (tests, the SmolLM2 demo): all its devices on the fsdp axis, fp32 throughout (CPUs have
-no fast bf16 matmul), async checkpoints so a save does not stall the next steps.
+"""A CPU host (tests, the SmolLM2 demo): all its devices on the fsdp axis, fp32 throughout, async
+checkpoints so a save does not stall the next steps. Not bf16: even on CPUs with AMX, XLA's CPU backend
+keeps bf16 speed only for products with fp32 results whose left operand is contracted on its last axis;
+every weight gradient is contracted on its first axis and runs as fp32, so a bf16 train step is no faster
+(BENCHMARKS.md, findings: bf16 compute).
 
 The loss's log-probs go at most 256 tokens at a time (1024 elsewhere): XLA's CPU runtime maps a step's
 temporaries afresh on every execution, so each chunk's [chunk, vocab] logits and their gradient are new
