@@ -244,12 +244,13 @@ def meta_path(out_path: Path) -> Path:
 
 
 def checkpoint_provenance(ckpt: Path) -> dict[str, str]:
-    """The checkpoint's absolute path and the sha256 of its eu_jax_model.json."""
-    from eu_jax.convert.checkpoint import MODEL_META_FILE, locate_params
+    """The checkpoint's absolute path, the folder its params are read from (a training run's latest step),
+    and the sha256 of its eu_jax_model.json."""
+    from eu_jax.convert.checkpoint import MODEL_META_FILE, locate_params, params_source
 
     meta_dir = locate_params(Path(ckpt))[2]
     digest = hashlib.sha256((meta_dir / MODEL_META_FILE).read_bytes()).hexdigest()
-    return {"checkpoint": str(Path(ckpt).absolute()), "model_meta_sha256": digest}
+    return {"checkpoint": str(Path(ckpt).absolute()), "params": params_source(Path(ckpt)), "model_meta_sha256": digest}
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

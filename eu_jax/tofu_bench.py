@@ -186,18 +186,21 @@ class TofuBench:
         return run_unierase(config)
 
     def evaluate(self, name: str, checkpoint: Path) -> dict[str, Any]:
-        """TOFU's metrics of one checkpoint, saved as results/<name>.json and reused for the same checkpoint."""
+        """TOFU's metrics of one checkpoint, saved as results/<name>.json and reused for the same params (a
+        run trained further since is evaluated again)."""
+        from eu_jax.convert.checkpoint import params_source
         from eu_jax.eval.model import EvalModel
         from eu_jax.eval.tofu import evaluate_tofu
         from eu_jax.files import write_json_atomic
 
         path = self.work / "results" / f"{name}.json"
         saved = self._read_json(path)
-        if saved and saved.get("checkpoint") == str(checkpoint):
+        if saved and saved.get("params") == params_source(checkpoint):
             return saved
         e = self.t.eval
         results = evaluate_tofu(EvalModel.load(checkpoint, self.mesh, name=name), self.benchmark, e.max_new_tokens,
                                 e.batch_size, e.max_items)
+        results["params"] = params_source(checkpoint)
         write_json_atomic(path, results)
         return results
 

@@ -19,7 +19,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from eu_jax.assets import cache_dir, fetch_smollm2
-from eu_jax.convert.checkpoint import FORMAT_VERSION, MODEL_META_FILE
+from eu_jax.convert.checkpoint import FORMAT_VERSION, MODEL_META_FILE, params_source
 from eu_jax.data.domains import MathDomain, write_math_domain
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.sentence_encoder import SentenceEncoder, fetch_minilm
@@ -146,12 +146,24 @@ def method_config(config: ConfigDict, method: str, base: Path, data: WorkflowDat
     return run
 
 
+class TrainingPreempted(InterruptedError):
+    """A workflow's training stopped for preemption (SIGTERM) before its last step: its checkpoint is saved,
+    and nothing after it may evaluate, export or attack the unfinished model (its saved results would be
+    reused by the rerun that finishes it). An OSError, so the workflow commands report it in one line."""
+
+
 def train_once(run_config: ConfigDict, eval_fn=None) -> Path:
     """Train (or finish an interrupted run) and return its checkpoints folder (an eu_jax checkpoint: the
-    latest step); a finished run is reused."""
+    latest step); a finished run is reused. Raises TrainingPreempted when the training stops for preemption."""
     checkpoints = Path(run_config.train.output_dir) / "checkpoints"
-    if not (checkpoints / str(run_config.train.steps)).is_dir():
-        train(run_config, eval_fn=eval_fn)
+    steps = run_config.train.steps
+    if not (checkpoints / str(steps)).is_dir():
+        result = train(run_config, eval_fn=eval_fn)
+        if result.preempted:
+            raise TrainingPreempted(
+                f"training in {run_config.train.output_dir} stopped for preemption (SIGTERM) at step "
+                f"{result.final_step} of {steps} (checkpoint saved): run the same command again to resume"
+            )
     return checkpoints
 
 
@@ -183,14 +195,14 @@ class Evaluator:
             if self.judge is not None:
                 self.base_results["harmful"] = self.suite.harmful(self.base, self.judge)
             self.base_results["judge"] = {"max_perplexity": self.judge.max_perplexity} if self.judge else {}
-            self.base_results["config"] = self.config_json
+            self.base_results.update(config=self.config_json, params=params_source(base))
             write_json_atomic(results_dir / "base.json", self.base_results)
 
     def _saved(self, stem: str, checkpoint: Path) -> dict[str, Any] | None:
         path = self.results_dir / f"{stem}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved.get("checkpoint") == str(checkpoint) and saved.get("config") == self.config_json:
+            if saved.get("params") == params_source(checkpoint) and saved.get("config") == self.config_json:
                 print(f"reusing {path}", flush=True)
                 return saved
         return None
@@ -202,7 +214,9 @@ class Evaluator:
         if saved is not None:
             return saved
         model = EvalModel.load(checkpoint, self.mesh, name=name)
-        results = self.suite.run(model, self.judge) | {"judge": self.base_results["judge"], "config": self.config_json}
+        results = self.suite.run(model, self.judge) | {
+            "judge": self.base_results["judge"], "config": self.config_json, "params": params_source(checkpoint)
+        }
         write_json_atomic(self.results_dir / f"{stem}.json", results)
         return results
 

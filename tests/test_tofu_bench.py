@@ -71,3 +71,11 @@ def test_the_benchmark_runs_every_stage_and_reuses_them(tmp_path):
     assert tofu_bench.run(config) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")} == saved
     assert json.loads((work / "minutes.json").read_text()) == minutes  # EU samples again, but keeps its first time
+
+    t.unlearn.steps = 3  # the fine-tuning methods' runs resume for one more step: their results are not reused
+    assert tofu_bench.run(config) == 0
+    for name in ("graddiff", "eu"):
+        results = json.loads((work / "results" / f"{name}.json").read_text())
+        assert results["params"] == str(work / "runs" / name / "checkpoints" / "3" / "state")
+    unchanged = ("target", "retain_reference", "unierase")
+    assert all((work / "results" / f"{n}.json").stat().st_mtime_ns == saved[f"{n}.json"] for n in unchanged)

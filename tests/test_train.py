@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from eu_jax.convert.checkpoint import load_params, read_model_meta, write_model_meta
+from eu_jax.convert.checkpoint import load_params, params_source, read_model_meta, write_model_meta
 from eu_jax.convert.hf_import import import_checkpoint
 from eu_jax.models.config import RuntimeOptions
 from eu_jax.objectives import Objective
@@ -28,6 +28,7 @@ from eu_jax.train.loop import TrainingDiverged, train
 from eu_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from eu_jax.train.state import new_train_state
 from eu_jax.train.step import make_reference_forward, make_train_step, with_reference_outputs
+from eu_jax.workflow import TrainingPreempted, train_once
 from tests.tiny_run import make_tiny_run, tiny_config
 
 
@@ -180,6 +181,22 @@ def test_sigterm_saves_and_stops_cleanly(config_file, tmp_path):
     saved = int(output.split("preemption requested: saving step ")[1].split()[0])
     assert 3 <= saved < 2000
     assert saved in ocp.CheckpointManager(tmp_path / "run" / "checkpoints").all_steps()
+    assert f"stopped for preemption at step {saved} of 2000;" in output and "done:" not in output
+
+
+def test_a_workflow_stops_at_a_preempted_training_and_resumes_it(tiny, tmp_path):
+    config = tiny_config(tiny, tmp_path, train={"steps": 6, "eval_every": 2})
+
+    def preempt(params, step):  # what a scheduler does mid-run: SIGTERM this process
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    with pytest.raises(TrainingPreempted, match=r"stopped for preemption \(SIGTERM\) at step 2 of 6 .*run the same command again"):
+        train_once(config, eval_fn=preempt)
+    checkpoints = tmp_path / "checkpoints"
+    assert params_source(checkpoints) == str(checkpoints / "2" / "state")
+    assert train_once(config) == checkpoints
+    assert params_source(checkpoints) == str(checkpoints / "6" / "state")
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny, tmp_path, caplog):

@@ -124,6 +124,12 @@ def locate_params(ckpt: Path) -> tuple[Path, bool, Path]:
     )
 
 
+def params_source(ckpt: Path) -> str:
+    """The folder a checkpoint's params are read from now (a training run's: its latest step's). Saved
+    results record it, so a run trained further since (resumed, more steps) is evaluated again."""
+    return str(locate_params(ckpt)[0])
+
+
 def load_model_meta(ckpt: Path) -> ModelMeta:
     """The ModelMeta of a params or train-state checkpoint, without reading any array."""
     return read_model_meta(locate_params(ckpt)[2])

@@ -13,7 +13,11 @@ def _train(config) -> int:
     from eu_jax.train.loop import train
 
     result = train(config)
-    print(f"done: step {result.final_step}; checkpoints in {result.checkpoint_dir}")
+    if result.preempted:  # exit status 0 all the same: the stop was asked for and the checkpoint is saved
+        print(f"stopped for preemption at step {result.final_step} of {config.train.steps}; checkpoints in "
+              f"{result.checkpoint_dir}: run the same command again to resume")
+    else:
+        print(f"done: step {result.final_step}; checkpoints in {result.checkpoint_dir}")
     return 0
 
 
