@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
@@ -65,7 +66,15 @@ def load_python_file(path: Path, package: str = "eu_jax_configs") -> ModuleType:
     """A Python file loaded as a module by path: config files and method presets live in configs/, which is
     not a package on sys.path when the console scripts run."""
     path = Path(path)
-    spec = importlib.util.spec_from_file_location(f"{package}.{path.parent.name}.{path.stem}", path)
+    name = f"{package}.{path.parent.name}.{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Registered as an import would: dataclasses (under `from __future__ import annotations`) and pickle look a
+    # class's module up in sys.modules.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module

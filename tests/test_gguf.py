@@ -18,8 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from eu_jax import assets
 from eu_jax.assets import fetch_smollm2
+from eu_jax.convert.cli import main as eu_convert
 from eu_jax.convert.gguf import gguf_hf_config, open_gguf_weights, save_gguf_tokenizer
 from eu_jax.convert.hf_import import import_params
+from eu_jax.convert.safetensors_io import WeightFormatError
 from eu_jax.models.config import from_hf_config
 
 SAMPLE = "Exclusive unlearning keeps what you choose and forgets the rest, doesn't it? 42 ünïcödé"
@@ -237,3 +239,24 @@ def test_type_that_cannot_be_dequantised(tmp_path):
     with open_gguf_weights(path) as weights:
         with pytest.raises(ValueError, match=rf"{re.escape(str(path))} has tensor 'blk.0.attn_norm.weight' of GGUF type I32"):
             weights.read("model.layers.0.input_layernorm.weight")
+
+
+@pytest.mark.parametrize("cut", [30, 200])  # inside the header's key-value metadata (it ends near byte 420 here)
+def test_file_cut_short_in_its_metadata(tmp_path, capsys, cut):
+    """The import's own header check names the file (transformers' parser would fail with struct.error), and
+    transformers' errors, where it still parses first, name the file too."""
+    path = _tiny_model(tmp_path / "tiny.gguf", "llama", 16, False, False, False)
+    path.write_bytes(path.read_bytes()[:cut])
+    assert eu_convert(["import", str(path), str(tmp_path / "ckpt"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"eu-convert import: error: {path} is a corrupt, truncated or unsupported")
+    with pytest.raises(WeightFormatError, match=f"transformers cannot read {re.escape(str(path))}"):
+        gguf_hf_config(path)
+
+
+@pytest.mark.parametrize("load", [open_gguf_weights, gguf_hf_config])
+def test_folder_named_like_a_gguf_file(tmp_path, load):
+    path = tmp_path / "model.gguf"
+    path.mkdir()
+    with pytest.raises(WeightFormatError, match=f"{re.escape(str(path))} is a folder, not a GGUF file"):
+        load(path)

@@ -30,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("out", type=local_path, help="new eu_jax checkpoint directory")
     imp.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     imp.add_argument("--mesh", default="data=1,fsdp=-1", help="device mesh the params are placed on, e.g. fsdp=-1,tensor=2")
-    imp.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin pickles (they can run code)")
 
     exp = sub.add_parser("export", help="eu_jax checkpoint (params or train state) -> HF directory")
     exp.add_argument("ckpt", type=local_path, help="eu_jax params checkpoint, training run directory or step folder")
@@ -45,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--atol", type=float, default=1e-2, help="largest allowed |logit difference|")
     ver.add_argument("--max-kl", type=float, default=1e-5, help="largest allowed mean KL per token")
 
+    for p in (imp, ver):
+        p.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin pickles (they can run code)")
     for p in (imp, exp, ver):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from eu_jax.convert.verify import DEFAULT_PROMPTS, verify_checkpoint
 
     enable_compilation_cache()  # only verify compiles (a forward of the model)
-    report = verify_checkpoint(args.source, args.ckpt, args.prompts or DEFAULT_PROMPTS)
+    report = verify_checkpoint(args.source, args.ckpt, args.prompts or DEFAULT_PROMPTS, args.allow_pickle)
     print(report)
     if report.passes(args.atol, args.max_kl):
         print(f"OK: within atol={args.atol:g} and max-kl={args.max_kl:g}")
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+    except (ValueError, OSError) as err:  # bad input, or a file that cannot be read: one sentence, no traceback
         print(f"eu-convert {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ Config and tokenizer come from transformers' own GGUF support, which is also the
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,7 +148,7 @@ def gguf_hf_config(path: str | Path) -> PretrainedConfig:
     """
     from transformers import AutoConfig
 
-    return _load_with_transformers(AutoConfig, Path(path))
+    return load_with_transformers(AutoConfig, Path(path))
 
 
 def save_gguf_tokenizer(path: str | Path, out_dir: str | Path) -> None:
@@ -155,7 +156,7 @@ def save_gguf_tokenizer(path: str | Path, out_dir: str | Path) -> None:
     `AutoTokenizer.from_pretrained(out_dir)` works offline without the GGUF."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    tokenizer = _load_with_transformers(AutoTokenizer, Path(path))
+    tokenizer = load_with_transformers(AutoTokenizer, Path(path))
     tokenizer.save_pretrained(str(out_dir))
     # The tokenizer's special ids come from the same tokenizer.ggml.* fields the config reads.
     special = {
@@ -167,16 +168,24 @@ def save_gguf_tokenizer(path: str | Path, out_dir: str | Path) -> None:
         GenerationConfig(**{k: v for k, v in special.items() if v is not None}).save_pretrained(str(out_dir))
 
 
-def _load_with_transformers(auto_class: type, path: Path):
-    """`auto_class.from_pretrained` on a GGUF file, with errors that name the file."""
+def load_with_transformers(auto_class: type, path: Path, **kwargs):
+    """`auto_class.from_pretrained` on a local GGUF file, with errors that name the file.
+
+    transformers' own GGUF parser fails on a file cut short with struct.error; `open_gguf_weights` checks the
+    file more carefully, so callers open it first where they can (the import does).
+    """
     _check_magic(path)
     try:
-        return auto_class.from_pretrained(str(path.parent), gguf_file=path.name)
-    except ValueError as err:
+        return auto_class.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True, **kwargs)
+    except (ValueError, OSError, struct.error) as err:
         raise WeightFormatError(f"transformers cannot read {path}: {err}") from err
 
 
 def _check_magic(path: Path) -> None:
+    if path.is_dir():
+        raise WeightFormatError(f"{path} is a folder, not a GGUF file")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise WeightFormatError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")

@@ -24,7 +24,7 @@ from eu_jax.convert.checkpoint import ModelMeta, ensure_new_output, save_params_
 from eu_jax.convert.keymap import KeyRule, expected_hf_names, is_ignorable, rules_for
 from eu_jax.convert.safetensors_io import WeightReader
 from eu_jax.convert.threads import conversion_threads
-from eu_jax.models.config import ModelConfig, RuntimeOptions, from_hf_config
+from eu_jax.models.config import ModelConfig, RuntimeOptions, check_model_type, from_hf_config
 from eu_jax.models.state import Params, abstract_params, params_shardings
 from eu_jax.parallel.mesh import single_device_mesh
 from eu_jax.parallel.sharding import DEFAULT_RULES, MeshAxes
@@ -136,19 +136,25 @@ def import_params(
 
 
 def read_hf_config(model_dir: Path) -> dict:
-    """The config.json of a HF directory, checked by our adapter before transformers sees it."""
-    path = Path(model_dir) / "config.json"
+    """The config.json of a HF directory as transformers completes it, its model type checked before
+    transformers sees it (so an unknown one is named, and no remote code is looked for)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir} {'is not a folder' if model_dir.exists() else 'does not exist'}: "
+                                "give a Hugging Face model directory or a .gguf file")
+    path = model_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face model directory")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
-    from_hf_config(raw)  # unsupported architectures and features stop here, with their name
+    check_model_type(raw)  # the rest of the config is checked once AutoConfig has filled in its defaults
     import transformers
 
     # AutoConfig fills defaults and normalises old keys (rope_scaling -> rope_parameters).
-    return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
+    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+    return config.to_dict()
 
 
 def _copy_side_files(model_dir: Path, dest: Path) -> None:
@@ -178,16 +184,20 @@ def import_checkpoint(
                 save_gguf_tokenizer,
             )
 
+            # Opened first: its careful header check names a damaged file before transformers parses it.
+            gguf_weights = open_gguf_weights(src)
             hf_config = gguf_hf_config(src).to_dict()
             save_gguf_tokenizer(src, side)
-            opener = lambda: open_gguf_weights(src)  # noqa: E731
+            opener = lambda: gguf_weights  # noqa: E731
+            config_file = src
         else:
             from eu_jax.convert.safetensors_io import open_hf_weights
 
             hf_config = read_hf_config(src)
             _copy_side_files(src, side)
             opener = lambda: open_hf_weights(src, allow_pickle=allow_pickle)  # noqa: E731
-        config = from_hf_config(hf_config)
+            config_file = src / "config.json"
+        config = from_hf_config(hf_config, str(config_file))
         with opener() as weights:
             params = import_params(weights, config, options, mesh, progress=progress, keep_source_dtype=True)
         meta = ModelMeta(config=config, hf_config=hf_config, param_dtype=options.param_dtype)

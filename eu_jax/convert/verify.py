@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from eu_jax.convert.checkpoint import HF_FILES_DIR, load_model_meta, load_params, locate_params
+from eu_jax.convert.hf_import import read_hf_config
+from eu_jax.convert.safetensors_io import WeightFormatError, open_hf_weights
 from eu_jax.generate import left_pad
 from eu_jax.models.state import build_decoder, params_shardings
 from eu_jax.parallel.mesh import single_device_mesh
@@ -45,17 +47,38 @@ class VerifyReport:
         )
 
 
-def load_reference_model(source: Path):
-    """transformers' PyTorch model for a HF directory or a GGUF file, in fp32, no remote code."""
+def check_source(source: Path, allow_pickle: bool = False) -> None:
+    """Stop on a missing or damaged source, or pickled weights without the opt-in, before minutes of model work,
+    with the same checks and messages as `eu-convert import`."""
+    source = Path(source)
+    if source.suffix == ".gguf":
+        from eu_jax.convert.gguf import open_gguf_weights
+
+        open_gguf_weights(source).close()
+        return
+    read_hf_config(source)
+    if not allow_pickle:  # refuses pickles; with the opt-in transformers reads them, and they are read once
+        open_hf_weights(source).close()
+
+
+def load_reference_model(source: Path, allow_pickle: bool = False):
+    """transformers' PyTorch model for a local HF directory or GGUF file, in fp32, no remote code, and pickled
+    weights only with `allow_pickle`."""
     import torch
     import transformers
 
     source = Path(source)
     kwargs = dict(dtype=torch.float32, trust_remote_code=False)
     if source.suffix == ".gguf":
-        model = transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, **kwargs)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        from eu_jax.convert.gguf import load_with_transformers
+
+        return load_with_transformers(transformers.AutoModelForCausalLM, source, **kwargs).eval()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source, local_files_only=True, use_safetensors=None if allow_pickle else True, **kwargs
+        )
+    except OSError as err:
+        raise WeightFormatError(f"transformers cannot load {source}: {err}") from err
     return model.eval()
 
 
@@ -86,23 +109,26 @@ def prompt_token_ids(ckpt: Path, prompts: Sequence[str], vocab_size: int) -> lis
     if (tokenizer_dir / "tokenizer_config.json").exists() or (tokenizer_dir / "tokenizer.json").exists():
         import transformers
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         return [tokenizer(p)["input_ids"] for p in prompts]
     rng = np.random.default_rng(0)
     return [rng.integers(0, vocab_size, size=8 + 3 * i).tolist() for i in range(len(prompts))]
 
 
-def verify_checkpoint(source: Path, ckpt: Path, prompts: Sequence[str] = DEFAULT_PROMPTS) -> VerifyReport:
+def verify_checkpoint(
+    source: Path, ckpt: Path, prompts: Sequence[str] = DEFAULT_PROMPTS, allow_pickle: bool = False
+) -> VerifyReport:
     """Run the prompts through both models (one left-padded batch) and compare the logits."""
     import torch
 
+    check_source(source, allow_pickle)
     mesh = single_device_mesh()
     meta = load_model_meta(ckpt)
     params, _ = load_params(ckpt, params_shardings(meta.config, mesh))
     ids, mask = left_pad(prompt_token_ids(ckpt, prompts, meta.config.vocab_size))
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     ours = np.asarray(build_decoder(meta.config, params)(jnp.asarray(ids), jnp.asarray(mask)).logits)
-    reference_model = load_reference_model(source)
+    reference_model = load_reference_model(source, allow_pickle)
     with torch.no_grad():
         reference = reference_model(
             input_ids=torch.as_tensor(ids, dtype=torch.long),

@@ -190,8 +190,9 @@ def _sliding_window_from_hf(cfg: Mapping[str, Any]) -> int | None:
     return int(window)
 
 
-def from_hf_config(hf_config: Any) -> ModelConfig:
-    """Build a ModelConfig from a transformers config object or a plain `config.json` dict."""
+def check_model_type(hf_config: Any) -> str:
+    """The config's model_type, if this decoder implements it. The import checks a raw config.json with it
+    before transformers reads it, which for an unknown type would want remote code or fail in its own words."""
     cfg = _as_dict(hf_config)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -199,6 +200,25 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
         raise UnsupportedModelError(
             f"model_type '{model_type}' ({arch}) is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    return model_type
+
+
+def from_hf_config(hf_config: Any, where: str = "the Hugging Face config") -> ModelConfig:
+    """Build a ModelConfig from a transformers config object or a plain `config.json` dict.
+
+    `where` names the config (a file) in errors. A raw config.json may leave out fields transformers fills in
+    (AutoConfig), so a missing required field is an UnsupportedModelError naming it, not a KeyError.
+    """
+    cfg = _as_dict(hf_config)
+    model_type = check_model_type(cfg)
+    try:
+        return _model_config(cfg, model_type)
+    except KeyError as err:
+        raise UnsupportedModelError(f"{where} lacks {err.args[0]!r}, which a {model_type} model needs") from None
+
+
+def _model_config(cfg: Mapping[str, Any], model_type: str) -> ModelConfig:
+    """from_hf_config's work once the model type is known to be supported."""
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"hidden_act '{act}' is not supported (only 'silu')")
