@@ -67,6 +67,8 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 is off)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 is off)")
+        if not 0 <= self.seed < 2**32:  # it is traced as a uint32
+            raise ValueError(f"seed={self.seed} must be in [0, 2**32 - 1]")
 
     @property
     def greedy(self) -> bool:

@@ -113,7 +113,7 @@ class Generator:
 
     def complete(self, prompts: list[list[int]], seed_offset: int = 0) -> list[tuple[str, Completion]]:
         """(text, completion) per prompt; the text has no special tokens and ends before any stop string."""
-        sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + seed_offset)
+        sampling = dataclasses.replace(self.sampling, seed=(self.sampling.seed + seed_offset) % 2**32)
         stop_ids = [seq for stop in self.stops for seq in stop_token_sequences(self.tokenizer, stop)]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         result = generate(self.model, prompts, sampling, self.eos_ids, stop_ids, pad_id, self.mesh)

@@ -86,3 +86,119 @@ def test_param_count_matches_transformers():
 def test_unsupported_features_stop_with_their_name(changes, message):
     with pytest.raises(UnsupportedModelError, match=message):
         from_hf_config({**BASE, **changes})
+
+
+# The training config's `validate`: values that cannot work stop at start-up in one sentence naming the key.
+
+
+@pytest.fixture
+def train_config(tmp_path):
+    """A config `validate` accepts: a 2-layer checkpoint's metadata (no arrays) and two tiny data files."""
+    from eu_jax.convert.checkpoint import PARAMS_ITEM, ModelMeta, write_model_meta
+    from eu_jax.train.config import get_default_config
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / PARAMS_ITEM).mkdir(parents=True)
+    write_model_meta(ckpt, ModelMeta(from_hf_config(BASE), BASE))
+    config = get_default_config()
+    config.model.checkpoint, config.train.output_dir = str(ckpt), str(tmp_path / "run")
+    for name in ("retain", "forget"):
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+        config.data[name].path = str(tmp_path / f"{name}.jsonl")
+    return config
+
+
+def test_train_config_fixture_is_valid(train_config):
+    from eu_jax.train.config import validate
+
+    validate(train_config)
+    train_config.objective.update(forget="rmu", retain="none", forget_kwargs={"layer": 2})  # the last hidden state
+    validate(train_config)
+    train_config.objective.forget_kwargs.layer = 0  # the embeddings
+    validate(train_config)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"train.keep_checkpoints": 0}, r"config\.train\.keep_checkpoints: must be at least 1"),
+        ({"train.log_every": 0}, r"config\.train\.log_every: must be at least 1"),
+        ({"train.save_every": -1}, r"config\.train\.save_every: must be 0 \(off\) or a positive"),
+        ({"train.eval_every": -5}, r"config\.train\.eval_every: must be 0 \(off\) or a positive"),
+        ({"train.early_stopping_patience": -1, "train.eval_every": 1}, r"config\.train\.early_stopping_patience: must be 0"),
+        ({"train.best_metric": "eval/retain_nll"}, r"config\.train\.best_metric: needs train\.eval_every > 0"),
+        (
+            {"train.best_metric": "eval/retain_nll", "train.early_stopping_patience": 2},
+            r"config\.train\.best_metric: needs train\.eval_every > 0",
+        ),
+        (
+            {"train.early_stopping_patience": 2, "train.eval_every": 1},
+            r"config\.train\.early_stopping_patience: needs train\.best_metric",
+        ),
+        ({"mesh.data": 0}, r"config\.mesh\.data: must be a positive size or -1 .*not 0"),
+        ({"mesh.tensor": -2}, r"config\.mesh\.tensor: must be a positive size or -1 .*not -2"),
+        ({"mesh.dcn_fsdp": 0}, r"config\.mesh\.dcn_fsdp: must be a positive number of slices, not 0"),
+        ({"mesh.dcn_data": -1}, r"config\.mesh\.dcn_data: must be a positive number of slices, not -1"),
+        ({"mesh.data": -1}, r"config\.mesh\.fsdp: only one of mesh\.data, mesh\.fsdp may be -1"),
+    ],
+)
+def test_bad_train_values_are_refused_naming_the_key(train_config, changes, message):
+    from eu_jax.train.config import ConfigError, validate
+
+    for key, value in changes.items():
+        section, name = key.split(".")
+        train_config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(train_config)
+
+
+def test_keep_best_and_early_stopping_with_evaluations_are_accepted(train_config):
+    from eu_jax.train.config import validate
+
+    train_config.train.update(eval_every=5, best_metric="eval/retain_nll", early_stopping_patience=2)
+    validate(train_config)
+
+
+@pytest.mark.parametrize("layer", [3, 100, -1])
+def test_rmu_layer_outside_the_model_is_refused_with_the_valid_range(train_config, layer):
+    from eu_jax.train.config import ConfigError, validate
+
+    train_config.objective.update(forget="rmu", retain="none", forget_kwargs={"layer": layer})
+    message = rf"^config\.objective\.forget_kwargs\.layer: .*hidden layer {layer}, but a 2-layer model has hidden states 0 to 2"
+    with pytest.raises(ConfigError, match=message):
+        validate(train_config)
+
+
+def test_rmu_layer_check_names_a_checkpoint_without_metadata(train_config, tmp_path):
+    from eu_jax.train.config import ConfigError, validate
+
+    (tmp_path / "empty").mkdir()
+    train_config.model.checkpoint = str(tmp_path / "empty")
+    train_config.objective.update(forget="rmu", retain="none")
+    with pytest.raises(ConfigError, match=r"^config\.model\.checkpoint: .* is not an eu_jax checkpoint"):
+        validate(train_config)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"data": 0, "fsdp": -1}, "mesh axis 'data' has size 0"),
+        ({"data": -2, "fsdp": -1}, "mesh axis 'data' has size -2"),
+        ({"data": 2, "tensor": -3}, "mesh axis 'tensor' has size -3"),
+    ],
+)
+def test_mesh_sizes_are_positive_or_minus_one(spec, message):
+    from eu_jax.parallel.mesh import resolve_mesh_shape
+
+    with pytest.raises(ValueError, match=message):
+        resolve_mesh_shape(spec, 8)
+    assert resolve_mesh_shape({"data": 2, "fsdp": -1}, 8) == (2, 4, 1)
+
+
+def test_dcn_mesh_sizes_are_positive():
+    import jax
+
+    from eu_jax.parallel.mesh import make_mesh
+
+    with pytest.raises(ValueError, match="DCN mesh axis 'data' has size -1"):
+        make_mesh({"data": -1}, jax.devices()[:1], dcn_spec={"data": -1})

@@ -117,6 +117,13 @@ def test_prompt_lengths_are_bucketed():
     assert [bucket_length(n) for n in (1, 32, 33, 64, 65, 100, 300)] == [32, 32, 40, 64, 80, 112, 320]
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**40])
+def test_seeds_outside_uint32_are_refused_by_name(seed):
+    with pytest.raises(ValueError, match=rf"^seed={seed} must be in \[0, 2\*\*32 - 1\]$"):
+        SamplingConfig(NEW_TOKENS, temperature=1.0, seed=seed)
+    assert SamplingConfig(NEW_TOKENS, temperature=1.0, seed=2**32 - 1).seed == 2**32 - 1
+
+
 # ----------------------------------------------------------------------------------------- sampling
 
 

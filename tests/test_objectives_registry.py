@@ -147,3 +147,23 @@ def test_make_side_inputs_names_what_the_objective_lacks_and_keeps_only_what_it_
     extra = dict(layer_hidden=hidden, ref_final_hidden=hidden, ref_kernel=kernel)
     side = make_side_inputs(req.retain, mask, targets, hidden, kernel, **extra)
     assert set(side.stats) == {"logp"} and side.hidden is None and side.ref_hidden is None and side.preferred is None
+
+
+@pytest.mark.parametrize("layer", [-1, 5, 100])
+def test_rmu_layer_outside_the_model_is_refused_by_name_with_the_valid_range(layer):
+    rmu = get_term("forget", "rmu")
+    message = rf"^layer: forget term 'rmu' reads hidden layer {layer}, but a 4-layer model has hidden states 0 to 4"
+    with pytest.raises(ValueError, match=message):
+        rmu.check_layers({"layer": layer}, num_layers=4)
+    for valid in (0, 4):
+        rmu.check_layers({"layer": valid}, num_layers=4)
+    with pytest.raises(ValueError, match="hidden layer 8, but a 4-layer model"):  # the default, WMDP's
+        rmu.check_layers({}, num_layers=4)
+
+
+def test_terms_without_a_hidden_layer_have_no_depth_to_check():
+    for kind in ("retain", "forget"):
+        for name in available_terms(kind):
+            if name != "rmu":
+                assert get_term(kind, name).layer_arg is None
+                get_term(kind, name).check_layers({}, num_layers=0)

@@ -186,6 +186,7 @@ class Term:
     kind: Kind
     loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
     needs: Callable[..., Requirements]
+    layer_arg: str | None = None  # the argument that picks the hidden layer, checked against the model's depth
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -213,6 +214,18 @@ class Term:
 
     def requirements(self, **kwargs: Any) -> Requirements:
         return self.needs(**self.resolve_kwargs(kwargs))
+
+    def check_layers(self, kwargs: Mapping[str, Any], num_layers: int) -> None:
+        """Refuse a hidden layer the model lacks: the decoder would silently read another one instead.
+        The message starts with the argument's name, so callers can prefix where it was set."""
+        if self.layer_arg is None:
+            return
+        layer = self.resolve_kwargs(kwargs)[self.layer_arg]
+        if not 0 <= layer <= num_layers:
+            raise ValueError(
+                f"{self.layer_arg}: {self.kind} term {self.name!r} reads hidden layer {layer}, but a {num_layers}-layer "
+                f"model has hidden states 0 to {num_layers} (transformers' hidden_states indexing)"
+            )
 
     def __call__(self, *sides: SideInputs, **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The loss and its metrics, prefixed `{kind}/`; the value itself is logged as `{kind}/{name}`."""

@@ -201,6 +201,6 @@ TERMS: tuple[Term, ...] = (
     _DPO,
     dataclasses.replace(_DPO, name="idk_dpo"),  # the data pipeline supplies "I don't know" winners
     Term("uniform_kl", "forget", uniform_kl, _forget_stats({**LOGP, "uniform_kl": ts.kl_to_uniform})),
-    Term("rmu", "forget", rmu, _rmu_needs),
+    Term("rmu", "forget", rmu, _rmu_needs, layer_arg="layer"),
     Term("undial", "forget", undial, _undial_needs),
 )

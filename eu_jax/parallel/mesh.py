@@ -19,6 +19,9 @@ def resolve_mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, 
     if unknown:
         raise ValueError(f"mesh spec has unknown axes {sorted(unknown)}; the axes are {', '.join(MESH_AXES)}")
     sizes = [int(spec.get(axis, 1)) for axis in MESH_AXES]
+    for axis, size in zip(MESH_AXES, sizes):  # 0 would divide by zero below, and other negatives flip the sign
+        if size < 1 and size != -1:
+            raise ValueError(f"mesh axis '{axis}' has size {size}; a size is positive, or -1 for the remaining devices")
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh spec {dict(spec)} has more than one -1 axis")
     known = math.prod(s for s in sizes if s != -1)
@@ -43,6 +46,9 @@ def make_mesh(
     """
     devices = list(jax.devices() if devices is None else devices)
     dcn = tuple(int((dcn_spec or {}).get(axis, 1)) for axis in MESH_AXES)
+    for axis, size in zip(MESH_AXES, dcn):
+        if size < 1:
+            raise ValueError(f"DCN mesh axis '{axis}' has size {size}; it must be a positive number of slices")
     if len(devices) % math.prod(dcn):
         raise ValueError(f"DCN mesh {dict(zip(MESH_AXES, dcn))} does not divide {len(devices)} devices")
     ici = resolve_mesh_shape(spec or {"data": -1}, len(devices) // math.prod(dcn))

@@ -149,6 +149,7 @@ def validate(config: ConfigDict) -> None:
             get_term(kind, name).resolve_kwargs(dict(config.objective[f"{kind}_kwargs"]))
         except ValueError as err:
             raise ConfigError(f"config.objective.{kind}_kwargs: {err}") from None
+    _validate_term_layers(config)
     _require(config.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"must be one of {SCHEDULES}")
     _require(config.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be positive")
     _require(0 <= config.optimizer.warmup_steps <= config.train.steps, "optimizer.warmup_steps", "must be within [0, train.steps]")
@@ -166,9 +167,69 @@ def validate(config: ConfigDict) -> None:
     _require(config.data.shards >= 0, "data.shards", "must be 0 (one shard per process) or a positive number of shards")
     if config.data.shards:  # the batch split now; the split over processes once they are known
         data_shards(config, 1)
-    _require(config.train.steps >= 1, "train.steps", "must be at least 1")
-    _require(bool(config.train.output_dir), "train.output_dir", "is required")
-    _require(config.train.best_mode in ("min", "max"), "train.best_mode", "must be 'min' or 'max'")
+    _validate_mesh(config)
+    _validate_train(config)
+
+
+def _validate_term_layers(config: ConfigDict) -> None:
+    """A term's hidden layer against the model's depth, read from the checkpoint's metadata (no arrays)."""
+    from eu_jax.convert.checkpoint import CheckpointError, load_model_meta
+    from eu_jax.objectives.registry import get_term
+
+    terms = {kind: get_term(kind, config.objective[kind]) for kind in ("retain", "forget")}
+    if all(term.layer_arg is None for term in terms.values()):
+        return  # nothing to check: leave the checkpoint unread here
+    try:
+        num_layers = load_model_meta(Path(config.model.checkpoint)).config.num_layers
+    except CheckpointError as err:
+        raise ConfigError(f"config.model.checkpoint: {err}") from None
+    for kind, term in terms.items():
+        try:
+            term.check_layers(dict(config.objective[f"{kind}_kwargs"]), num_layers)
+        except ValueError as err:  # its message starts with the argument's name
+            raise ConfigError(f"config.objective.{kind}_kwargs.{err}") from None
+
+
+def _validate_train(config: ConfigDict) -> None:
+    """The loop's counters and keep-best settings: a 0 divisor or a setting nothing reads fails here, not mid-run."""
+    train = config.train
+    _require(train.steps >= 1, "train.steps", "must be at least 1")
+    _require(bool(train.output_dir), "train.output_dir", "is required")
+    _require(train.log_every >= 1, "train.log_every", "must be at least 1 (log every this many steps)")
+    for key in ("eval_every", "save_every"):
+        _require(train[key] >= 0, f"train.{key}", "must be 0 (off) or a positive number of steps")
+    # orbax keeps the newest N checkpoints: 0 would delete every one, the final one too.
+    _require(train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1 (the final checkpoint is one of them)")
+    _require(train.best_mode in ("min", "max"), "train.best_mode", "must be 'min' or 'max'")
+    _require(
+        train.early_stopping_patience >= 0,
+        "train.early_stopping_patience",
+        "must be 0 (never stop early) or a positive number of evaluations",
+    )
+    _require(
+        bool(not train.early_stopping_patience or train.best_metric),
+        "train.early_stopping_patience",
+        "needs train.best_metric, the evaluation metric whose lack of improvement stops the run",
+    )
+    for key in ("best_metric", "early_stopping_patience"):
+        _require(
+            bool(not train[key] or train.eval_every),
+            f"train.{key}",
+            "needs train.eval_every > 0: it acts on evaluations, and without them it would be ignored",
+        )
+
+
+def _validate_mesh(config: ConfigDict) -> None:
+    """Mesh sizes: positive, or -1 (the remaining devices) on at most one axis per level; DCN sizes positive."""
+    from eu_jax.parallel.mesh import MESH_AXES
+
+    for axis in MESH_AXES:
+        size = config.mesh[axis]
+        _require(size >= 1 or size == -1, f"mesh.{axis}", f"must be a positive size or -1 (the remaining devices), not {size}")
+        size = config.mesh[f"dcn_{axis}"]
+        _require(size >= 1, f"mesh.dcn_{axis}", f"must be a positive number of slices, not {size}")
+    fills = [f"mesh.{axis}" for axis in MESH_AXES if config.mesh[axis] == -1]
+    _require(len(fills) <= 1, fills[-1] if fills else "mesh", f"only one of {', '.join(fills)} may be -1 (the remaining devices)")
 
 
 def data_shards(config: ConfigDict, process_count: int) -> int:
