@@ -244,13 +244,14 @@ def meta_path(out_path: Path) -> Path:
 
 
 def checkpoint_provenance(ckpt: Path) -> dict[str, str]:
-    """The checkpoint's absolute path, the folder its params are read from (a training run's latest step),
-    and the sha256 of its eu_jax_model.json."""
-    from eu_jax.convert.checkpoint import MODEL_META_FILE, locate_params, params_source
+    """The checkpoint's absolute path, its params' identity (the folder they are read from, a training run's
+    latest step, and the settings it was trained with), and the sha256 of its eu_jax_model.json."""
+    from eu_jax.convert.checkpoint import MODEL_META_FILE, locate_params
+    from eu_jax.train.identity import params_identity
 
     meta_dir = locate_params(Path(ckpt))[2]
     digest = hashlib.sha256((meta_dir / MODEL_META_FILE).read_bytes()).hexdigest()
-    return {"checkpoint": str(Path(ckpt).absolute()), "params": params_source(Path(ckpt)), "model_meta_sha256": digest}
+    return {"checkpoint": str(Path(ckpt).absolute()), "params": params_identity(Path(ckpt)), "model_meta_sha256": digest}
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

@@ -19,7 +19,9 @@ evaluations), so an interrupted benchmark continues where it stopped.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -112,16 +114,24 @@ class TofuBench:
 
     def _timed(self, name: str, build) -> Path:
         """build() -> checkpoint, the run of runs/<name>; its wall-clock is kept. A run already there keeps its
-        first time, even when reusing it still costs something (EU samples its forget texts again)."""
+        first time, even when reusing it still costs something (EU samples its forget texts again); a build
+        that replaces a stale run drops the old time (`_discard_stale`), so the new run is timed."""
         from eu_jax.files import write_json_atomic
 
-        reused = (self.work / "runs" / name).exists() and name in self.minutes
+        existed = (self.work / "runs" / name).exists()
         start = time.perf_counter()
         checkpoint = build()
-        if not reused:
+        if not (existed and name in self.minutes):
             self.minutes[name] = (time.perf_counter() - start) / 60
             write_json_atomic(self.work / "minutes.json", self.minutes)
         return checkpoint
+
+    def _train(self, name: str, run: ConfigDict) -> Path:
+        from eu_jax.workflow import discard_stale_run, train_once
+
+        if discard_stale_run(run):
+            self.minutes.pop(name, None)
+        return train_once(run)
 
     def training(self, method: str, checkpoint: Path, retain: Path, forget: Path, name: str, steps: int, lr: float) -> ConfigDict:
         from eu_jax.workflow import with_method
@@ -137,11 +147,9 @@ class TofuBench:
 
     def finetune(self, name: str, data: Path) -> Path:
         """SFT of the base model on `data` (the forget half is the same file, unweighted)."""
-        from eu_jax.workflow import train_once
-
         ft = self.t.finetune
         run = self.training("retain_only", self.base, data, data, name, ft.steps, ft.learning_rate)
-        return self._timed(name, lambda: train_once(run))
+        return self._timed(name, lambda: self._train(name, run))
 
     def self_generated(self, target: Path) -> Path:
         """EU's forget texts: what the target model writes itself (sampled once)."""
@@ -158,23 +166,29 @@ class TofuBench:
         return out
 
     def unlearn(self, method: str, target: Path) -> Path:
-        from eu_jax.workflow import train_once
-
         if method == "unierase":
             return self._timed(method, lambda: self._unierase(target))
         def build() -> Path:  # EU's self-generation counts towards its time
             forget = self.self_generated(target) if method == "eu" else self.files["forget"]
             u = self.t.unlearn
-            return train_once(self.training(method, target, self.files["retain"], forget, method, u.steps, u.learning_rate))
+            return self._train(method, self.training(method, target, self.files["retain"], forget, method, u.steps, u.learning_rate))
 
         return self._timed(method, build)
 
     def _unierase(self, target: Path) -> Path:
+        """UniErase on the target, reused while the target, the benchmark's files and the settings are the same."""
+        from eu_jax.files import write_json_atomic
+        from eu_jax.train.identity import params_identity
         from eu_jax.unierase.pipeline import get_unierase_config, run_unierase
 
         out = self.work / "runs" / "unierase"
-        if (out / "model").is_dir():
+        made_from = {"target": params_identity(target), "data": self._files_digest(), "unierase": self.t.unierase.to_dict()}
+        if (out / "model").is_dir() and self._read_json(out / "made_from.json") == made_from:
             return out / "model"
+        if out.exists():
+            print(f"{out} was made from another target, benchmark or settings: running UniErase again", flush=True)
+            shutil.rmtree(out)
+            self.minutes.pop("unierase", None)
         config = get_unierase_config()
         config.update(checkpoint=str(target), output=str(out))
         config.forget.path = str(self.files["forget"])
@@ -183,24 +197,31 @@ class TofuBench:
         config.token.training = copy.deepcopy(self.t.unierase.token)
         config.edit = copy.deepcopy(self.t.unierase.edit)
         config.mesh = copy.deepcopy(self.config.mesh)
-        return run_unierase(config)
+        model = run_unierase(config)
+        write_json_atomic(out / "made_from.json", made_from)
+        return model
+
+    def _files_digest(self) -> dict[str, str]:
+        """The benchmark's files by content (its source, seed, authors and forget share decide them)."""
+        return {name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in sorted(self.files.items())}
 
     def evaluate(self, name: str, checkpoint: Path) -> dict[str, Any]:
-        """TOFU's metrics of one checkpoint, saved as results/<name>.json and reused for the same params (a
-        run trained further since is evaluated again)."""
-        from eu_jax.convert.checkpoint import params_source
+        """TOFU's metrics of one checkpoint, saved as results/<name>.json and reused for the same params on the
+        same benchmark with the same evaluation settings (a run trained further since is evaluated again)."""
         from eu_jax.eval.model import EvalModel
         from eu_jax.eval.tofu import evaluate_tofu
         from eu_jax.files import write_json_atomic
+        from eu_jax.train.identity import params_identity
 
         path = self.work / "results" / f"{name}.json"
         saved = self._read_json(path)
-        if saved and saved.get("params") == params_source(checkpoint):
+        made_from = {"params": params_identity(checkpoint), "data": self._files_digest(), "eval": self.t.eval.to_dict()}
+        if saved and all(saved.get(key) == value for key, value in made_from.items()):
             return saved
         e = self.t.eval
         results = evaluate_tofu(EvalModel.load(checkpoint, self.mesh, name=name), self.benchmark, e.max_new_tokens,
                                 e.batch_size, e.max_items)
-        results["params"] = params_source(checkpoint)
+        results.update(made_from)
         write_json_atomic(path, results)
         return results
 

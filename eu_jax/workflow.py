@@ -19,7 +19,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from eu_jax.assets import cache_dir, fetch_smollm2
-from eu_jax.convert.checkpoint import FORMAT_VERSION, MODEL_META_FILE, params_source
+from eu_jax.convert.checkpoint import FORMAT_VERSION, MODEL_META_FILE
 from eu_jax.data.domains import MathDomain, write_math_domain
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.sentence_encoder import SentenceEncoder, fetch_minilm
@@ -28,6 +28,7 @@ from eu_jax.files import load_python_file, write_json_atomic
 from eu_jax.parallel.mesh import mesh_from_config
 from eu_jax.selfgen import SelfGenConfig, checkpoint_provenance, self_generate
 from eu_jax.train.config import config_to_json
+from eu_jax.train.identity import params_identity, run_identity, saved_run_differences
 from eu_jax.train.loop import train
 
 FORGET_SPLITS = ("train", "eval", "relearn")
@@ -152,10 +153,26 @@ class TrainingPreempted(InterruptedError):
     reused by the rerun that finishes it). An OSError, so the workflow commands report it in one line."""
 
 
+def discard_stale_run(run_config: ConfigDict) -> bool:
+    """Remove the run folder of `run_config` when its checkpoints were trained with other settings (another
+    weight, learning rate, starting model or data: `identity.run_identity`): in a workflow it is the
+    workflow's own product, made again like its results. True when it removed one."""
+    output = Path(run_config.train.output_dir)
+    stale = saved_run_differences(output, run_identity(run_config))
+    if stale is None:
+        return False
+    print(f"{output} was trained with other settings ({stale[1]}): training it again", flush=True)
+    shutil.rmtree(output)
+    return True
+
+
 def train_once(run_config: ConfigDict, eval_fn=None) -> Path:
     """Train (or finish an interrupted run) and return its checkpoints folder (an eu_jax checkpoint: the
-    latest step); a finished run is reused. Raises TrainingPreempted when the training stops for preemption."""
-    checkpoints = Path(run_config.train.output_dir) / "checkpoints"
+    latest step); a finished run is reused, one trained with other settings replaced (`discard_stale_run`).
+    Raises TrainingPreempted when the training stops for preemption."""
+    discard_stale_run(run_config)
+    output = Path(run_config.train.output_dir)
+    checkpoints = output / "checkpoints"
     steps = run_config.train.steps
     if not (checkpoints / str(steps)).is_dir():
         result = train(run_config, eval_fn=eval_fn)
@@ -195,14 +212,14 @@ class Evaluator:
             if self.judge is not None:
                 self.base_results["harmful"] = self.suite.harmful(self.base, self.judge)
             self.base_results["judge"] = {"max_perplexity": self.judge.max_perplexity} if self.judge else {}
-            self.base_results.update(config=self.config_json, params=params_source(base))
+            self.base_results.update(config=self.config_json, params=params_identity(base))
             write_json_atomic(results_dir / "base.json", self.base_results)
 
     def _saved(self, stem: str, checkpoint: Path) -> dict[str, Any] | None:
         path = self.results_dir / f"{stem}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved.get("params") == params_source(checkpoint) and saved.get("config") == self.config_json:
+            if saved.get("params") == params_identity(checkpoint) and saved.get("config") == self.config_json:
                 print(f"reusing {path}", flush=True)
                 return saved
         return None
@@ -215,7 +232,7 @@ class Evaluator:
             return saved
         model = EvalModel.load(checkpoint, self.mesh, name=name)
         results = self.suite.run(model, self.judge) | {
-            "judge": self.base_results["judge"], "config": self.config_json, "params": params_source(checkpoint)
+            "judge": self.base_results["judge"], "config": self.config_json, "params": params_identity(checkpoint)
         }
         write_json_atomic(self.results_dir / f"{stem}.json", results)
         return results

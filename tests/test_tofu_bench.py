@@ -31,7 +31,7 @@ def test_changed_share_counts_differing_and_added_values(tmp_path):
     assert tofu_bench.changed_share(ckpt, ckpt) == 0.0
 
 
-def test_the_benchmark_runs_every_stage_and_reuses_them(tmp_path):
+def test_the_benchmark_runs_every_stage_and_reuses_them(tmp_path, capsys):
     config = tofu_config()
     config.model.checkpoint = str(make_chat_checkpoint(tmp_path))
     config.data.update(batch_size=8, max_length=160)
@@ -76,6 +76,18 @@ def test_the_benchmark_runs_every_stage_and_reuses_them(tmp_path):
     assert tofu_bench.run(config) == 0
     for name in ("graddiff", "eu"):
         results = json.loads((work / "results" / f"{name}.json").read_text())
-        assert results["params"] == str(work / "runs" / name / "checkpoints" / "3" / "state")
+        assert results["params"].split("#")[0] == str(work / "runs" / name / "checkpoints" / "3" / "state")
     unchanged = ("target", "retain_reference", "unierase")
     assert all((work / "results" / f"{n}.json").stat().st_mtime_ns == saved[f"{n}.json"] for n in unchanged)
+
+    # Another learning rate: the fine-tuning methods' runs are trained again (and timed again), and other
+    # evaluation settings score every model again; the fine-tunes and UniErase are reused.
+    minutes = json.loads((work / "minutes.json").read_text())
+    t.unlearn.learning_rate, t.eval.max_items = 1e-3, 3
+    assert tofu_bench.run(config) == 0
+    out = capsys.readouterr().out
+    assert "graddiff was trained with other settings (optimizer.learning_rate: " in out and "running UniErase again" not in out
+    for name in ("target", "retain_reference", "unierase", "graddiff", "eu"):
+        assert json.loads((work / "results" / f"{name}.json").read_text())["forget"]["count"] == 3
+    rerun = json.loads((work / "minutes.json").read_text())
+    assert all(rerun[n] == minutes[n] for n in unchanged) and rerun["graddiff"] != minutes["graddiff"]

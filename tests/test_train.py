@@ -195,8 +195,45 @@ def test_a_workflow_stops_at_a_preempted_training_and_resumes_it(tiny, tmp_path)
         train_once(config, eval_fn=preempt)
     checkpoints = tmp_path / "checkpoints"
     assert params_source(checkpoints) == str(checkpoints / "2" / "state")
-    assert train_once(config) == checkpoints
+    assert train_once(config, eval_fn=lambda params, step: {}) == checkpoints
     assert params_source(checkpoints) == str(checkpoints / "6" / "state")
+
+
+def test_a_run_is_not_resumed_under_other_settings(tiny, tmp_path):
+    train(tiny_config(tiny, tmp_path, train={"steps": 2}, objective={"g": 1.0}))
+    with pytest.raises(ConfigError, match=r"holds a run \(checkpoint of step 2\) trained with other settings "
+                                          r"\(objective\.g: 1\.0 -> 5\.0; optimizer\.learning_rate: .* -> 0\.1\)"):
+        train(tiny_config(tiny, tmp_path, train={"steps": 4}, objective={"g": 5.0}, optimizer={"learning_rate": 0.1}))
+    forget = tmp_path / "other_forget.jsonl"
+    forget.write_text(tiny["forget"].read_text().replace("Person", "People"))
+    changed_data = tiny_config(tiny, tmp_path, train={"steps": 4})
+    changed_data.data.forget.path = str(forget)
+    with pytest.raises(ConfigError, match=r"data\.forget's content changed"):
+        train(changed_data)
+    # How long, where and how fast it runs may change: more steps, other log-prob chunks, another mesh.
+    resumed = train(tiny_config(tiny, tmp_path, train={"steps": 3, "log_every": 1}, objective={"chunk_tokens": 8},
+                                mesh={"data": 2, "fsdp": 4, "tensor": 1}))
+    assert (resumed.start_step, resumed.final_step) == (2, 3)
+
+
+def test_a_workflow_trains_again_a_run_whose_settings_or_starting_model_changed(tiny, tmp_path, capsys):
+    first = tiny_config(tiny, tmp_path / "unlearn", train={"steps": 2})
+    train_once(first)
+    before = final_params(tmp_path / "unlearn")
+    assert train_once(first) == tmp_path / "unlearn" / "checkpoints" and "training it again" not in capsys.readouterr().out
+    heavier = tiny_config(tiny, tmp_path / "unlearn", train={"steps": 2}, objective={"g": 5.0})
+    train_once(heavier)
+    assert "unlearn was trained with other settings (objective.g: 1.0 -> 5.0): training it again" in capsys.readouterr().out
+    after = final_params(tmp_path / "unlearn")
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    # A run started from another run's checkpoints (the relearning attack) is made again once that run moves on.
+    attack = tiny_config(tiny, tmp_path / "attack", train={"steps": 1})
+    attack.model.checkpoint = str(tmp_path / "unlearn" / "checkpoints")
+    train_once(attack)
+    train_once(tiny_config(tiny, tmp_path / "unlearn", train={"steps": 3}, objective={"g": 5.0}))
+    capsys.readouterr()
+    train_once(attack)
+    assert "attack was trained with other settings (params: " in capsys.readouterr().out
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny, tmp_path, caplog):
@@ -208,6 +245,31 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny, tmp_path, ca
         result = train(tiny_config(tiny, tmp_path, train={"steps": 6, "save_every": 2}))
     assert result.start_step == 2 and result.final_step == 6
     assert "checkpoint step 4" in caplog.text and "cannot be restored" in caplog.text
+    load_params(tmp_path / "checkpoints" / "4")  # the step trained again took the damaged one's place
+
+
+def test_keep_best_and_early_stopping_survive_preemption_and_kill(tiny, tmp_path):
+    scripted = {1: 3.0, 2: 1.0, 3: 2.0, 4: 5.0, 5: 0.5, 6: 0.1}  # best at 2; patience 2 stops the run at 4
+
+    def evaluate(params, step):
+        if step == 3 and not (tmp_path / "run" / "checkpoints" / "3").exists():
+            os.kill(os.getpid(), signal.SIGTERM)  # preempted once, after step 3's evaluation
+        return {"eval/score": scripted[step]}
+
+    train_section = {"steps": 6, "eval_every": 1, "best_metric": "eval/score", "early_stopping_patience": 2}
+    config = tiny_config(tiny, tmp_path / "run", train=train_section)
+    assert train(config, eval_fn=evaluate).preempted
+    resumed = train(config, eval_fn=evaluate)  # remembers step 2's best: step 4 is no better, and the patience is spent
+    assert (resumed.start_step, resumed.final_step, resumed.stopped_early) == (3, 4, True)
+    assert ocp.CheckpointManager(tmp_path / "run" / "best").all_steps() == [2]
+    again = train(config, eval_fn=evaluate)  # an early-stopped run stays stopped
+    assert (again.start_step, again.final_step, again.stopped_early) == (4, 4, True)
+    # A kill after a best save but before the next checkpoint: the resumed run reaches that best step again.
+    kill = tiny_config(tiny, tmp_path / "kill", train={"steps": 3, "save_every": 2, "eval_every": 1, "best_metric": "eval/score"})
+    train(kill, eval_fn=lambda params, step: {"eval/score": -step})
+    shutil.rmtree(tmp_path / "kill" / "checkpoints" / "3")
+    assert train(kill, eval_fn=lambda params, step: {"eval/score": -step}).final_step == 3
+    assert ocp.CheckpointManager(tmp_path / "kill" / "best").all_steps() == [3]
 
 
 def test_nan_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tiny, tmp_path):

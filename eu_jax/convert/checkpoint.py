@@ -101,7 +101,8 @@ def save_params_checkpoint(out: Path, params: Params, meta: ModelMeta, hf_files:
     return out
 
 
-def _latest_step_dir(run_dir: Path) -> Path | None:
+def latest_step_dir(run_dir: Path) -> Path | None:
+    """The newest step folder of a run's checkpoints folder (orbax's unfinished temporaries are not steps)."""
     steps = [p for p in run_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     return max(steps, key=lambda p: int(p.name)) if steps else None
 
@@ -115,7 +116,7 @@ def locate_params(ckpt: Path) -> tuple[Path, bool, Path]:
         return ckpt / PARAMS_ITEM, False, ckpt
     if (ckpt / TRAIN_STATE_ITEM).is_dir():  # one step folder of a run
         return ckpt / TRAIN_STATE_ITEM, True, ckpt.parent
-    step = _latest_step_dir(ckpt)
+    step = latest_step_dir(ckpt)
     if step is not None and (step / TRAIN_STATE_ITEM).is_dir():
         return step / TRAIN_STATE_ITEM, True, ckpt
     raise CheckpointError(

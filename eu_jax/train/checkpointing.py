@@ -3,6 +3,8 @@
 Layout under the run's output directory:
     checkpoints/<step>/state/    the full TrainState ({"params", "opt_state", "step", "rng"})
     checkpoints/<step>/config/   the resolved run config (JSON)
+    checkpoints/<step>/identity/ what the run trains (`identity.run_identity`), checked before a resume
+    checkpoints/<step>/progress/ the keep-best and early-stopping state at that step, restored with it
     checkpoints/eu_jax_model.json, checkpoints/hf_files/   what `eu-convert export` needs
     best/<step>/state/           params only, of the best evaluation so far
 Both folders export directly: `eu-convert export OUTPUT/checkpoints hf_out`.
@@ -26,7 +28,8 @@ from eu_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
-STATE_ITEM, CONFIG_ITEM = "state", "config"
+STATE_ITEM, CONFIG_ITEM, IDENTITY_ITEM, PROGRESS_ITEM = "state", "config", "identity", "progress"
+JSON_ITEMS = (CONFIG_ITEM, IDENTITY_ITEM, PROGRESS_ITEM)
 
 
 def require_shared_folder(folder: Path, setting: str) -> None:
@@ -68,17 +71,32 @@ def _write_side_files(directory: Path, meta: ModelMeta, hf_files: Path | None) -
         shutil.copytree(hf_files, directory / HF_FILES_DIR)
 
 
+def read_json_item(step_dir: Path, item: str) -> dict[str, Any] | None:
+    """One JSON item of a step's checkpoint (None where the checkpoint was written before the item was kept)."""
+    folder = Path(step_dir) / item
+    if not folder.is_dir():
+        return None
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(folder.absolute())
+
+
+def saved_identity(step_dir: Path) -> dict[str, Any] | None:
+    """The run identity kept with one step's checkpoint."""
+    return read_json_item(step_dir, IDENTITY_ITEM)
+
+
 class RunCheckpoints:
     """The checkpoints of one training run."""
 
     def __init__(self, output_dir: Path, meta: ModelMeta, hf_files: Path | None, keep: int, use_async: bool):
         self.directory = Path(output_dir).absolute() / "checkpoints"
+        self.unrestorable: set[int] = set()  # steps restore_latest skipped as damaged
         self.best_directory = Path(output_dir).absolute() / "best"
         for directory in (self.directory, self.best_directory):
             _write_side_files(directory, meta, hf_files)
         self.manager = ocp.CheckpointManager(
             self.directory,
-            item_names=(STATE_ITEM, CONFIG_ITEM),
+            item_names=(STATE_ITEM, *JSON_ITEMS),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async, create=True),
         )
         self.best = ocp.CheckpointManager(
@@ -87,19 +105,28 @@ class RunCheckpoints:
             options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=use_async, create=True),
         )
 
-    def save(self, step: int, state: TrainState, config_json: dict[str, Any]) -> None:
+    def save(self, step: int, state: TrainState, json_items: dict[str, dict[str, Any]]) -> None:
+        """The state and the JSON_ITEMS of `step`. A step already saved is kept, unless it failed to restore
+        at the start of this run: the step trained again takes its place."""
         if step in self.manager.all_steps():
-            return
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardSave(state.to_dict()), CONFIG_ITEM: ocp.args.JsonSave(config_json)}
-            ),
-            force=True,
-        )
+            if step not in self.unrestorable:
+                return
+            self.manager.delete(step)
+            self.unrestorable.discard(step)
+        items = {STATE_ITEM: ocp.args.StandardSave(state.to_dict())}
+        items.update({name: ocp.args.JsonSave(json_items[name]) for name in JSON_ITEMS})
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def save_best(self, step: int, state: TrainState) -> None:
+        """A step already there is kept: a run killed after saving it and resumed from an earlier checkpoint
+        reaches the same step with the same params again."""
+        if step in self.best.all_steps():
+            return
         self.best.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave({"params": state.params})}), force=True)
+
+    def progress(self, step: int) -> dict[str, Any] | None:
+        """The PROGRESS_ITEM saved with `step`."""
+        return read_json_item(self.directory / str(step), PROGRESS_ITEM)
 
     def restore_latest(self, abstract_state: TrainState, shardings: TrainState) -> TrainState | None:
         """The newest checkpoint that restores cleanly; a damaged one is skipped with a warning."""
@@ -115,6 +142,7 @@ class RunCheckpoints:
                 )
             except Exception as err:  # orbax raises many types for damaged files
                 log.warning("checkpoint step %d in %s cannot be restored (%s); trying the one before", step, self.directory, err)
+                self.unrestorable.add(step)
                 continue
             return TrainState.from_dict(restored[STATE_ITEM])
         return None

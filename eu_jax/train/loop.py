@@ -29,6 +29,7 @@ from eu_jax.train.checkpointing import RunCheckpoints, require_shared_folder
 from eu_jax.train.config import ConfigError, config_to_json, data_shards, validate
 from eu_jax.train.evaluation import make_nll_eval
 from eu_jax.train.flops import peak_flops_per_device, step_flops
+from eu_jax.train.identity import run_identity, saved_run_differences
 from eu_jax.train.logging import MetricsLogger
 from eu_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from eu_jax.train.state import TrainState, abstract_train_state, new_train_state, train_state_shardings
@@ -170,6 +171,7 @@ class _Run:
     eval_fn: EvalFn | None
     checkpoints: RunCheckpoints
     data_sharding: jax.sharding.NamedSharding
+    identity: dict  # kept with every checkpoint (identity.run_identity)
 
 
 def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.Device] | None) -> _Run:
@@ -183,6 +185,23 @@ def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.De
         raise ConfigError(
             f"config.data.batch_size: {config.data.batch_size} rows in {config.data.microbatches} micro-batches give "
             f"{micro_rows} rows each, which the {data_parallel} data-parallel devices (mesh data x fsdp) do not divide"
+        )
+    if eval_fn is None and config.train.eval_every and not (config.data.eval_retain.path or config.data.eval_forget.path):
+        raise ConfigError(
+            "config.train.eval_every: the built-in evaluation needs held-out sets (data.eval_retain.path or "
+            "data.eval_forget.path); give one, or set eval_every to 0"
+        )
+    if eval_fn is None and config.train.best_metric:
+        reported = [f"eval/{name}_nll" for name in ("retain", "forget") if config.data[f"eval_{name}"].path]
+        if config.train.best_metric not in reported:
+            raise ConfigError(f"config.train.best_metric: the built-in evaluation reports {reported}, not {config.train.best_metric!r}")
+    identity = run_identity(config)
+    stale = saved_run_differences(config.train.output_dir, identity)
+    if stale is not None:
+        raise ConfigError(
+            f"config.train.output_dir: {config.train.output_dir} holds a run (checkpoint of step {stale[0]}) trained "
+            f"with other settings ({stale[1]}), which this command would resume as if they were the same: run it "
+            "with the run's own settings, or give another output_dir (or delete that one) to train anew"
         )
     checkpoint = Path(config.model.checkpoint)
     options = RuntimeOptions(**config.runtime)
@@ -240,7 +259,8 @@ def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.De
     if eval_fn is None and config.train.eval_every:
         eval_fn = _builtin_eval(config, tokenizer, meta.config, options, data_sharding)
     return _Run(
-        config, mesh, meta.config, sets, state, reference_params, reference_fn, step_fn, eval_fn, checkpoints, data_sharding
+        config, mesh, meta.config, sets, state, reference_params, reference_fn, step_fn, eval_fn, checkpoints, data_sharding,
+        identity,
     )
 
 
@@ -269,11 +289,16 @@ class _Throughput:
 
 
 class _BestTracker:
-    """Keep-best checkpointing and early stopping on one evaluation metric."""
+    """Keep-best checkpointing and early stopping on one evaluation metric. Its state is saved with every
+    checkpoint and restored with it, so a resumed run neither takes its first evaluation for the best (and
+    replaces the best params with worse ones) nor trains on past an early stop."""
 
-    def __init__(self, metric: str, mode: str, patience: int):
+    def __init__(self, metric: str, mode: str, patience: int, saved: dict | None = None):
         self.metric, self.mode, self.patience = metric, mode, patience
-        self.best, self.stale = None, 0
+        saved = saved if saved and saved.get("metric") == metric else {}
+        self.best, self.stale = saved.get("best"), saved.get("stale", 0)
+        # An early stop holds while the patience (which a resume may raise) is still spent.
+        self.stopped = bool(saved.get("stopped_early")) and self.exhausted
 
     def update(self, value: float) -> bool:
         """True when `value` is the best so far."""
@@ -284,6 +309,9 @@ class _BestTracker:
     @property
     def exhausted(self) -> bool:
         return bool(self.patience) and self.stale >= self.patience
+
+    def to_json(self) -> dict:
+        return {"metric": self.metric, "best": self.best, "stale": self.stale, "stopped_early": self.stopped}
 
 
 def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[jax.Device] | None = None) -> TrainResult:
@@ -303,14 +331,21 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
         flush=True,
     )
     throughput = _Throughput(run.model_config, config.data.max_length, run.reference_params is not None, peak_flops_per_device(train_cfg.peak_flops_per_device))
-    best = _BestTracker(train_cfg.best_metric, train_cfg.best_mode, train_cfg.early_stopping_patience)
+    saved_progress = checkpoints.progress(start_step) if start_step else None
+    best = _BestTracker(train_cfg.best_metric, train_cfg.best_mode, train_cfg.early_stopping_patience, saved_progress)
+    if best.stopped:
+        logger.message(f"the run stopped early at step {start_step} ({train_cfg.best_metric} had stopped improving): nothing to train")
     preemption = _Preemption()
     metrics_host: dict[str, float] = {}
-    stopped_early = preempted = False
+    stopped_early, preempted = best.stopped, False
+
+    def json_items() -> dict[str, dict]:
+        return {"config": config_json, "identity": run.identity, "progress": best.to_json()}
+
     pending_save = None
     try:
         with activation_sharding(run.mesh):
-            while step < steps:
+            while step < steps and not stopped_early:
                 batch, tokens = make_batch(run.sets, step, config.data.seed, run.data_sharding)
                 if run.reference_fn is not None:
                     batch = with_reference_outputs(batch, run.reference_fn(run.reference_params, batch))
@@ -338,14 +373,19 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
                     logger.log(step, results)
                     throughput.reset()
                     if train_cfg.best_metric:
+                        if train_cfg.best_metric not in results:
+                            raise ConfigError(
+                                f"config.train.best_metric: the evaluation at step {step} reports no "
+                                f"{train_cfg.best_metric!r}, only {sorted(results)}"
+                            )
                         if best.update(results[train_cfg.best_metric]):
                             checkpoints.save_best(step, state)
                         if best.exhausted:
                             logger.message(f"early stopping at step {step}: {train_cfg.best_metric} has not improved in {best.patience} evaluations")
-                            stopped_early = True
+                            stopped_early = best.stopped = True
                             break
                 if train_cfg.save_every and step % train_cfg.save_every == 0:
-                    checkpoints.save(step, state, config_json)  # orbax first finishes the previous save
+                    checkpoints.save(step, state, json_items())  # orbax first finishes the previous save
                     if pending_save is not None:
                         logger.message(f"checkpoint step {pending_save} committed")
                     pending_save = step
@@ -353,7 +393,7 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
                     logger.message(f"preemption requested: saving step {step} and stopping")
                     preempted = True
                     break
-            checkpoints.save(step, state, config_json)
+            checkpoints.save(step, state, json_items())
     finally:
         preemption.restore()
         checkpoints.close()
