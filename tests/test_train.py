@@ -66,13 +66,21 @@ def test_one_step_on_8_devices_equals_one_device(tiny, tmp_path, method):
 
 @pytest.mark.parametrize("objective", [{"forget": "ga"}, {"forget": "npo", "retain": "kl_ref"}])
 def test_gradient_accumulation_matches_one_big_batch(tiny, tmp_path, objective):
-    """Each micro-batch's loss is its own mean; with equal token counts per example (the tiny data is
-    fixed-width) the average over micro-batches is exactly the big batch's loss. NPO and KL-retain read the
-    reference's outputs, which its own program computes one micro-batch at a time and puts back in row order."""
+    """Answers of 1 to 12 tokens, so micro-batches hold different numbers of scored tokens: each micro-batch's
+    means divide by the whole half-batch's counts, so they add up to the big batch's loss and gradients (a
+    mean of per-micro-batch means would not). NPO and KL-retain read the reference's outputs, which its own
+    program computes one micro-batch at a time and puts back in row order."""
+    ragged = dict(tiny)
+    for half, make in (("retain", lambda i: {"prompt": f"{i:02d}=", "response": "7" * (1 + i % 12)}),
+                       ("forget", lambda i: {"prompt": f"Who {i:02d}?", "response": "P" * (1 + (5 * i) % 12)})):
+        ragged[half] = tmp_path / f"{half}.jsonl"
+        ragged[half].write_text("".join(json.dumps(make(i)) + "\n" for i in range(48)))
     base = dict(train={"steps": 2}, objective=objective, optimizer={"learning_rate": 1e-3, "eps": 1e-4})
-    whole = train(tiny_config(tiny, tmp_path / "whole", data={"batch_size": 16, "microbatches": 1}, **base))
-    accumulated = train(tiny_config(tiny, tmp_path / "accumulated", data={"batch_size": 16, "microbatches": 2}, **base))
-    assert accumulated.last_metrics["loss"] == pytest.approx(whole.last_metrics["loss"], abs=1e-5)
+    whole = train(tiny_config(ragged, tmp_path / "whole", data={"batch_size": 16, "microbatches": 1}, **base))
+    accumulated = train(tiny_config(ragged, tmp_path / "accumulated", data={"batch_size": 16, "microbatches": 2}, **base))
+    for key, value in whole.last_metrics.items():
+        if "/" in key or key in ("loss", "grad_norm"):
+            assert accumulated.last_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
     assert_trees_close(final_params(tmp_path / "accumulated"), final_params(tmp_path / "whole"), atol=1e-5)
 
 

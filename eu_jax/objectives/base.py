@@ -28,6 +28,9 @@ class SideInputs:
     stats: exactly the token statistics the term asked for, {name: [B,T]}.
     hidden / ref_hidden [B,T,D]: policy / reference residual stream at the term's hidden layer.
     preferred: the same prompts with the preferred answer (DPO's winner), built like this side.
+    token_count / sequence_count: where this side is one micro-batch of a half-batch, the half-batch's counted
+    tokens and sequences with any counted token; means divide by them, so the micro-batches' values add up to
+    the half-batch's (a mean of per-micro-batch means would weigh a token by its micro-batch's length).
     """
 
     mask: jax.Array
@@ -35,6 +38,8 @@ class SideInputs:
     hidden: jax.Array | None = None
     ref_hidden: jax.Array | None = None
     preferred: SideInputs | None = None
+    token_count: jax.Array | None = None
+    sequence_count: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +113,13 @@ def make_side_inputs(
     ref_layer_hidden: jax.Array | None = None,
     preferred: SideInputs | None = None,
     chunk_tokens: int = 1024,
+    counts: tuple[jax.Array, jax.Array] | None = None,
 ) -> SideInputs:
     """SideInputs holding what `req` asks for and nothing else, with a clear error for what is missing.
 
     final_hidden/kernel: the policy's final-norm hidden state and [D,V] output projection (likewise
     ref_*); layer_hidden/ref_layer_hidden: residual streams at req.hidden_layer. Reference arrays are
-    put under stop_gradient here.
+    put under stop_gradient here. counts: the half-batch's (token_count, sequence_count) for a micro-batch.
     """
     given = {
         "ref_final_hidden and ref_kernel": ref_final_hidden is not None and ref_kernel is not None,
@@ -146,6 +152,8 @@ def make_side_inputs(
         hidden=layer_hidden if needed["layer_hidden"] else None,
         ref_hidden=jax.lax.stop_gradient(ref_layer_hidden) if needed["ref_layer_hidden"] else None,
         preferred=preferred if needed["preferred"] else None,
+        token_count=None if counts is None else counts[0],
+        sequence_count=None if counts is None else counts[1],
     )
 
 

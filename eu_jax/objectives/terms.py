@@ -28,9 +28,10 @@ def _safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     return num / jnp.where(den > 0, den, 1.0)
 
 
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mask-weighted mean over every token of the half-batch (0 when no token counts)."""
-    return _safe_divide(jnp.sum(_masked(values, mask)), jnp.sum(mask))
+def token_mean(values: jax.Array, side: SideInputs) -> jax.Array:
+    """Mask-weighted mean over every counted token of the side's half-batch (0 when none counts)."""
+    count = jnp.sum(side.mask) if side.token_count is None else side.token_count
+    return _safe_divide(jnp.sum(_masked(values, side.mask)), count)
 
 
 def sequence_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -38,10 +39,11 @@ def sequence_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(_masked(values, mask), axis=-1)
 
 
-def sequence_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of per-sequence values [B] over the sequences with at least one counted token."""
-    valid = jnp.sum(mask, axis=-1) > 0
-    return _safe_divide(jnp.sum(jnp.where(valid, values, 0.0)), jnp.sum(valid))
+def sequence_mean(values: jax.Array, side: SideInputs) -> jax.Array:
+    """Mean of per-sequence values [B] over the side's sequences with at least one counted token."""
+    valid = jnp.sum(side.mask, axis=-1) > 0
+    count = jnp.sum(valid) if side.sequence_count is None else side.sequence_count
+    return _safe_divide(jnp.sum(jnp.where(valid, values, 0.0)), count)
 
 
 def _fixed(requirements: Requirements) -> Callable[..., Requirements]:
@@ -63,14 +65,13 @@ def no_retain(retain: SideInputs) -> tuple[jax.Array, Metrics]:
 
 def nll(retain: SideInputs) -> tuple[jax.Array, Metrics]:
     """Supervised fine-tuning NLL on the retain data (Exclusive Unlearning's and GradDiff's retain term)."""
-    return -masked_mean(retain.stats["logp"], retain.mask), {}
+    return -token_mean(retain.stats["logp"], retain), {}
 
 
 def kl_ref(retain: SideInputs) -> tuple[jax.Array, Metrics]:
     """Mean over tokens of KL(p_ref || p): stay close to the frozen model on retain data (KL-retain,
     as in Maini et al. 2024, TOFU)."""
-    mask = retain.mask
-    return masked_mean(retain.stats["kl_ref"], mask), {"mean_logp": masked_mean(retain.stats["logp"], mask)}
+    return token_mean(retain.stats["kl_ref"], retain), {"mean_logp": token_mean(retain.stats["logp"], retain)}
 
 
 # ---- forget terms ---------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def no_forget(forget: SideInputs, retain: SideInputs) -> tuple[jax.Array, Metric
 def ga(forget: SideInputs, retain: SideInputs) -> tuple[jax.Array, Metrics]:
     """Gradient ascent (Jang et al. 2023): minus the forget NLL, i.e. the mean target log-prob.
     Unbounded below, which is why NPO and Exclusive Unlearning's KL exist."""
-    return masked_mean(forget.stats["logp"], forget.mask), {}
+    return token_mean(forget.stats["logp"], forget), {}
 
 
 def npo(forget: SideInputs, retain: SideInputs, *, beta: float = 0.1) -> tuple[jax.Array, Metrics]:
@@ -92,8 +93,8 @@ def npo(forget: SideInputs, retain: SideInputs, *, beta: float = 0.1) -> tuple[j
     A bounded, adaptively weighted gradient ascent; the gradient tends to GA's as beta -> 0."""
     mask = forget.mask
     log_ratio = sequence_sum(forget.stats["logp"] - forget.stats["ref_logp"], mask)
-    loss = -(2.0 / beta) * sequence_mean(jax.nn.log_sigmoid(-beta * log_ratio), mask)
-    return loss, {"mean_logp": masked_mean(forget.stats["logp"], mask), "log_ratio": sequence_mean(log_ratio, mask)}
+    loss = -(2.0 / beta) * sequence_mean(jax.nn.log_sigmoid(-beta * log_ratio), forget)
+    return loss, {"mean_logp": token_mean(forget.stats["logp"], forget), "log_ratio": sequence_mean(log_ratio, forget)}
 
 
 def simnpo(
@@ -103,8 +104,8 @@ def simnpo(
     -(2/beta) mean_seq log sigmoid(beta * (nll_seq / len_seq - delta))."""
     mask = forget.mask
     mean_nll = _safe_divide(-sequence_sum(forget.stats["logp"], mask), jnp.sum(mask, axis=-1))
-    loss = -(2.0 / beta) * sequence_mean(jax.nn.log_sigmoid(beta * (mean_nll - delta)), mask)
-    return loss, {"mean_logp": masked_mean(forget.stats["logp"], mask)}
+    loss = -(2.0 / beta) * sequence_mean(jax.nn.log_sigmoid(beta * (mean_nll - delta)), forget)
+    return loss, {"mean_logp": token_mean(forget.stats["logp"], forget)}
 
 
 def dpo(forget: SideInputs, retain: SideInputs, *, beta: float = 0.1) -> tuple[jax.Array, Metrics]:
@@ -115,18 +116,14 @@ def dpo(forget: SideInputs, retain: SideInputs, *, beta: float = 0.1) -> tuple[j
     margin = sequence_sum(win.stats["logp"] - win.stats["ref_logp"], win.mask) - sequence_sum(
         forget.stats["logp"] - forget.stats["ref_logp"], forget.mask
     )
-    loss = -(2.0 / beta) * sequence_mean(jax.nn.log_sigmoid(beta * margin), forget.mask)
-    return loss, {
-        "mean_logp": masked_mean(forget.stats["logp"], forget.mask),
-        "margin": sequence_mean(margin, forget.mask),
-    }
+    loss = -(2.0 / beta) * sequence_mean(jax.nn.log_sigmoid(beta * margin), forget)
+    return loss, {"mean_logp": token_mean(forget.stats["logp"], forget), "margin": sequence_mean(margin, forget)}
 
 
 def uniform_kl(forget: SideInputs, retain: SideInputs) -> tuple[jax.Array, Metrics]:
     """Exclusive Unlearning's forget term: mean over tokens of KL(U || p), pushing every next-token
     distribution on self-generated text towards uniform. Bounded below by 0, unlike GA."""
-    mask = forget.mask
-    return masked_mean(forget.stats["uniform_kl"], mask), {"mean_logp": masked_mean(forget.stats["logp"], mask)}
+    return token_mean(forget.stats["uniform_kl"], forget), {"mean_logp": token_mean(forget.stats["logp"], forget)}
 
 
 def rmu_control_vector(seed: int, dim: int) -> jax.Array:
@@ -135,9 +132,9 @@ def rmu_control_vector(seed: int, dim: int) -> jax.Array:
     return u / jnp.linalg.norm(u)
 
 
-def _token_mse(values: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+def _token_mse(values: jax.Array, target: jax.Array, side: SideInputs) -> jax.Array:
     diff = values.astype(jnp.float32) - target.astype(jnp.float32)
-    return masked_mean(jnp.mean(diff * diff, axis=-1), mask)
+    return token_mean(jnp.mean(diff * diff, axis=-1), side)
 
 
 def rmu(
@@ -153,16 +150,15 @@ def rmu(
     random unit u, and keep retain activations at the reference's: mse_forget + alpha * mse_retain.
     `layer` indexes transformers' hidden_states (WMDP's layer_id L hooks layers[L], i.e. hidden_states[L+1])."""
     target = steering_coeff * rmu_control_vector(seed, forget.hidden.shape[-1])
-    forget_mse = _token_mse(forget.hidden, target, forget.mask)
-    retain_mse = _token_mse(retain.hidden, retain.ref_hidden, retain.mask)
+    forget_mse = _token_mse(forget.hidden, target, forget)
+    retain_mse = _token_mse(retain.hidden, retain.ref_hidden, retain)
     return forget_mse + alpha * retain_mse, {"forget_mse": forget_mse, "retain_mse": retain_mse}
 
 
 def undial(forget: SideInputs, retain: SideInputs, *, beta: float = 10.0) -> tuple[jax.Array, Metrics]:
     """UNDIAL (Dong et al. 2024): self-distillation towards the reference with the forget token's logit
     lowered by beta; mean over tokens of the cross-entropy. Bounded, so it does not collapse like GA."""
-    mask = forget.mask
-    return masked_mean(forget.stats["undial_ce"], mask), {"mean_logp": masked_mean(forget.stats["logp"], mask)}
+    return token_mean(forget.stats["undial_ce"], forget), {"mean_logp": token_mean(forget.stats["logp"], forget)}
 
 
 def _rmu_needs(*, layer: int, **_) -> Requirements:

@@ -97,6 +97,26 @@ def _carried_reference(side: dict[str, jax.Array], key: str, needed: bool) -> ja
     return side[key]
 
 
+def _target_mask(side: dict[str, jax.Array], prefix: str = "") -> jax.Array:
+    """[B, T-1]: 1 on the target tokens that count (position t scores token t+1); packed rows never score a
+    token from the end of the previous example."""
+    attention = side[prefix + "attention_mask"]
+    mask = (side[prefix + "loss_mask"][:, 1:] * attention[:, 1:]).astype(jnp.float32)
+    segments = side.get(prefix + "segment_ids")
+    if segments is not None:
+        mask = mask * (segments[:, 1:] == segments[:, :-1])
+    return mask
+
+
+def _half_counts(batch: Batch) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Per half, the counted tokens and the sequences with any: what a micro-batch's means divide by."""
+    counts = {}
+    for name in ("retain", "forget"):
+        mask = _target_mask(batch[name])
+        counts[name] = (jnp.sum(mask), jnp.sum(jnp.sum(mask, axis=-1) > 0).astype(jnp.float32))
+    return counts
+
+
 def _side_inputs(
     model: Decoder,
     side: dict[str, jax.Array],
@@ -105,6 +125,7 @@ def _side_inputs(
     ref_kernel: jax.Array | None,
     prefix: str = "",
     out: DecoderOutput | None = None,
+    counts: tuple[jax.Array, jax.Array] | None = None,
 ) -> SideInputs:
     """The term inputs of one half: the policy's forward (unless its output `out` is given), and the
     reference's outputs that the batch carries (`with_reference_outputs`).
@@ -113,8 +134,7 @@ def _side_inputs(
     pack several examples (`segment_ids`); attention and targets then stay inside each example.
     Residual streams are taken at the target tokens themselves (RMU steers their activations).
     """
-    ids, attention = side[prefix + "input_ids"], side[prefix + "attention_mask"]
-    segments = side.get(prefix + "segment_ids")  # packed rows: several examples per row
+    ids = side[prefix + "input_ids"]
     layers = _layers(needs)
     out = _forward(model, side, layers, prefix) if out is None else out
     preferred = None
@@ -122,12 +142,9 @@ def _side_inputs(
         preferred = _side_inputs(model, side, needs.for_preferred(), chunk_tokens, ref_kernel, prefix="preferred_")
     ref_hidden = _carried_reference(side, prefix + "ref_hidden", needs.reference_logits)
     ref_layer_hidden = _carried_reference(side, prefix + "ref_layer_hidden", needs.reference_hidden)
-    mask = (side[prefix + "loss_mask"][:, 1:] * attention[:, 1:]).astype(jnp.float32)
-    if segments is not None:  # never score a token from the end of the previous example
-        mask = mask * (segments[:, 1:] == segments[:, :-1])
     return make_side_inputs(
         needs,
-        mask,
+        _target_mask(side, prefix),
         ids[:, 1:],
         out.hidden[:, :-1],
         model.unembed_kernel(),
@@ -137,6 +154,7 @@ def _side_inputs(
         ref_layer_hidden=None if ref_layer_hidden is None else ref_layer_hidden[:, 1:],
         preferred=preferred,
         chunk_tokens=chunk_tokens,
+        counts=counts,
     )
 
 
@@ -147,14 +165,15 @@ def make_loss_fn(
     output projection (for the reference's logits)."""
     needs = objective.requirements()
 
-    def loss_fn(params, reference_params, batch):
+    def loss_fn(params, reference_params, batch, counts=None):
         model = build_decoder(config, params, options)
         ref_kernel = None
         if reference_params is not None and (needs.retain.reference_logits or needs.forget.reference_logits):
             ref_kernel = build_decoder(config, reference_params, options).unembed_kernel()
         joint = _joint_forward(model, batch, needs) or {}
         retain, forget = (
-            _side_inputs(model, batch[name], getattr(needs, name), chunk_tokens, ref_kernel, out=joint.get(name))
+            _side_inputs(model, batch[name], getattr(needs, name), chunk_tokens, ref_kernel, out=joint.get(name),
+                         counts=None if counts is None else counts[name])
             for name in ("retain", "forget")
         )
         return objective(retain, forget)
@@ -214,18 +233,21 @@ def merge_microbatches(micro: Batch) -> Batch:
 
 
 def _accumulated_grads(grad_fn, params: Params, reference_params: Params | None, batch: Batch, microbatches: int):
-    """Mean gradients and metrics over the batch's micro-batches, accumulated in a scan."""
+    """The whole batch's gradients and metrics, summed over its micro-batches in a scan: every micro-batch's
+    means divide by the whole half-batch's counts (`_half_counts`), so the sums are exactly the one-batch
+    values, whatever the micro-batches' token counts."""
     micro = split_microbatches(batch, microbatches)
+    counts = _half_counts(batch)
 
     def accumulate(carry, microbatch):
-        (_, metrics), grads = grad_fn(params, reference_params, microbatch)
+        (_, metrics), grads = grad_fn(params, reference_params, microbatch, counts)
         return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     first = jax.tree.map(lambda x: x[0], micro)
-    zero_metrics = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, reference_params, first)[0][1])
+    zero_metrics = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, reference_params, first, counts)[0][1])
     (grads, metrics), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics), micro)
-    return jax.tree.map(lambda g: g / microbatches, grads), {k: v / microbatches for k, v in metrics.items()}
+    return grads, metrics
 
 
 def make_train_step(
