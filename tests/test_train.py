@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -132,6 +133,28 @@ def test_a_non_finite_step_leaves_params_and_optimizer_state_as_they_were(tiny, 
         same = [np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)]
         assert all(same) if not finite else not all(same)
     assert int(state.step) == 2
+
+
+def test_non_finite_gradients_under_a_finite_loss_are_not_applied(tiny, tmp_path, monkeypatch):
+    """A forget term whose value is finite (sqrt(0) = 0) but whose gradient is not (sqrt's slope at 0 is
+    infinite, times a zero inner gradient: NaN), as an overflow in the backward pass alone would give: the step
+    reports it not finite and leaves the params and AdamW state as they were."""
+    from eu_jax.objectives import registry
+    from eu_jax.objectives.base import Requirements, SideRequirements, Term
+    from eu_jax.objectives.terms import LOGP, token_mean
+
+    def sqrt_of_zero(forget, retain):
+        return jnp.sqrt(0.0 * -token_mean(forget.stats["logp"], forget)), {}
+
+    probe = Term("sqrt_of_zero", "forget", sqrt_of_zero, lambda: Requirements(forget=SideRequirements(token_fns=LOGP)))
+    monkeypatch.setitem(registry._REGISTRY, ("forget", "sqrt_of_zero"), probe)
+    step, state, batch, _ = _tiny_step(tiny, tmp_path, Objective(retain="nll", forget="sqrt_of_zero"))
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    state, metrics = step(state, batch, None)
+    assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"])
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
 
 
 CONFIG_FILE = """

@@ -267,7 +267,8 @@ def make_train_step(
         else:
             grads, metrics = _accumulated_grads(grad_fn, state.params, reference_params, batch, microbatches)
 
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))
+        grad_norm = optax.tree.norm(grads)  # a finite loss can still have inf/NaN gradients (overflow in the backward)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(v)) for v in [*metrics.values(), grad_norm]]))
 
         def update(params_and_opt_state):
             params, opt_state = params_and_opt_state
@@ -278,7 +279,7 @@ def make_train_step(
         # only after copying both (the new params read the old moments, which the new moments overwrite), a
         # second copy of them held through the whole step (1.08 GB on SmolLM2, BENCHMARKS.md).
         params, opt_state = jax.lax.cond(finite, update, lambda kept: kept, (state.params, state.opt_state))
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step), finite=finite)
+        metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step), finite=finite)
         new_state = TrainState(
             step=state.step + 1,
             params=params,
