@@ -406,4 +406,4 @@ def _diverged(step: int, metrics: dict[str, float], checkpoints: RunCheckpoints)
     bad = ", ".join(f"{k}={v}" for k, v in metrics.items() if not np.isfinite(v))
     saved = checkpoints.manager.latest_step()
     kept = "no checkpoint was saved yet" if saved is None else f"the last checkpoint (step {saved}) is kept"
-    return TrainingDiverged(f"loss is not finite at step {step} ({bad}); the update was not applied and {kept}")
+    return TrainingDiverged(f"the loss or its gradients are not finite at step {step} ({bad}); the update was not applied and {kept}")
