@@ -201,6 +201,9 @@ def test_resume_after_sigkill_is_bit_identical(config_file, tmp_path):
     straight, resumed = final_params(tmp_path / "straight"), final_params(tmp_path / "killed")
     for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(x, y)
+    # The steps the killed run logged after its last checkpoint are logged once, by the run that redid them.
+    logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("straight", "killed")]
+    assert [[(r["step"], r["loss"]) for r in log] for log in logs] == [[(s, r["loss"]) for s, r in enumerate(logs[0], 1)]] * 2
 
 
 def test_sigterm_saves_and_stops_cleanly(config_file, tmp_path):

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Mapping
 
 import jax
 from tqdm.auto import tqdm
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (and a line cut short): a run killed after its last checkpoint
+    logged steps that the resumed run trains and logs again, and a run starting at 0 starts a new log."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text("".join(kept), encoding="utf-8")
+    os.replace(temp, path)
 
 
 class MetricsLogger:
@@ -20,7 +39,9 @@ class MetricsLogger:
         self.tensorboard = None
         if self.enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
-            self.jsonl = (output_dir / "metrics.jsonl").open("a", encoding="utf-8")
+            path = output_dir / "metrics.jsonl"
+            _keep_records_up_to(path, start_step)
+            self.jsonl = path.open("a", encoding="utf-8")
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
