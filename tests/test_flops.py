@@ -43,3 +43,21 @@ def test_peak_flops_come_from_the_device_kind_or_the_override():
     assert peak_flops_of_kind("cpu") == 0.0  # no fixed CPU peak: no made-up MFU
     assert peak_flops_per_device() == 0.0  # the tests run on CPU devices
     assert peak_flops_per_device(override=2.5e11) == 2.5e11
+
+
+@pytest.mark.parametrize(
+    "retain, forget, halves",
+    [("nll", "npo", ("forget",)), ("kl_ref", "npo", ("retain", "forget")), ("nll", "uniform_kl", ()), ("nll", "idk_dpo", ("forget",))],
+)
+def test_throughput_counts_the_reference_forward_on_the_halves_it_runs_on(retain, forget, halves):
+    from eu_jax.objectives import Objective
+    from eu_jax.train.loop import _Throughput, reference_halves
+
+    config = ModelConfig(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
+                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4)
+    assert reference_halves(Objective(retain=retain, forget=forget)) == halves
+    throughput = _Throughput(config, 16, halves, 0.0)
+    throughput.add({"retain": 10, "forget": 20})
+    per_token = forward_flops_per_token(config, 16)
+    assert throughput.tokens == 30
+    assert throughput.flops == per_token * (3 * 30 + 10 * ("retain" in halves) + 20 * ("forget" in halves))

@@ -264,19 +264,29 @@ def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.De
     )
 
 
+def reference_halves(objective: Objective) -> tuple[str, ...]:
+    """The batch halves the frozen reference runs on (NPO's: the forget half; KL-retain adds the retain half)."""
+    needs = objective.requirements()
+    return tuple(half for half in HALVES if getattr(needs, half).needs_reference)
+
+
 class _Throughput:
     """Tokens/s, TFLOP/s per device and MFU over the steps since the last report."""
 
-    def __init__(self, model_config, seq_len: int, counts_reference: bool, peak: float):
-        self.model_config, self.seq_len, self.counts_reference, self.peak = model_config, seq_len, counts_reference, peak
+    def __init__(self, model_config, seq_len: int, reference_halves: tuple[str, ...], peak: float):
+        """`reference_halves`: the batch halves the frozen reference runs on (NPO's: the forget half alone)."""
+        self.model_config, self.seq_len, self.reference_halves, self.peak = model_config, seq_len, reference_halves, peak
         self.reset()
 
     def reset(self) -> None:
         self.start, self.tokens, self.flops = time.perf_counter(), 0, 0.0
 
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
-        self.flops += step_flops(self.model_config, self.seq_len, tokens, tokens if self.counts_reference else 0)
+    def add(self, tokens: dict[str, int]) -> None:
+        """One step's real tokens per half (preferred-answer twins included)."""
+        trained = sum(tokens.values())
+        self.tokens += trained
+        reference = sum(tokens[half] for half in self.reference_halves)
+        self.flops += step_flops(self.model_config, self.seq_len, trained, reference)
 
     def report(self) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start
@@ -330,7 +340,10 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
         f"{config.data.batch_size} from data shards {shards[0]}:{shards[-1] + 1} of {run.sets['retain'].layout.count}",
         flush=True,
     )
-    throughput = _Throughput(run.model_config, config.data.max_length, run.reference_params is not None, peak_flops_per_device(train_cfg.peak_flops_per_device))
+    throughput = _Throughput(
+        run.model_config, config.data.max_length, reference_halves(objective_from_config(config.objective)),
+        peak_flops_per_device(train_cfg.peak_flops_per_device),
+    )
     saved_progress = checkpoints.progress(start_step) if start_step else None
     best = _BestTracker(train_cfg.best_metric, train_cfg.best_mode, train_cfg.early_stopping_patience, saved_progress)
     if best.stopped:
@@ -355,7 +368,7 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
                     jax.block_until_ready(metrics)
                     throughput.reset()
                 else:
-                    throughput.add(sum(tokens.values()))
+                    throughput.add(tokens)
                 finite = bool(metrics["finite"])
                 if not finite or step % train_cfg.log_every == 0 or step == steps:
                     metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
