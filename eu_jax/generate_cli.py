@@ -129,6 +129,8 @@ class Generator:
 
 def load_generator(args: argparse.Namespace) -> Generator:
     """Tokenizer first (cheap, and its errors come before the params are read), then the params."""
+    if any(not stop for stop in args.stop):
+        raise GenerateError("--stop '': an empty stop string would end every answer before its first character")
     tokenizer = load_tokenizer(args.ckpt)
     if not args.raw and not tokenizer.chat_template:
         raise GenerateError(

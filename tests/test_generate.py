@@ -361,3 +361,5 @@ def test_cli_errors_are_one_line_and_exit_2(tiny, tmp_path, capsys):
     shutil.rmtree(bare / HF_FILES_DIR)
     code, _, err = run_cli([bare, "--prompt", "x"], capsys)
     assert code == 2 and err.count("\n") == 1 and "has no tokenizer" in err
+    code, _, err = run_cli([tiny.ckpt, "--prompt", "x", "--stop", "", "--raw"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "empty stop string" in err
