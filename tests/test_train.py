@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 
-from eu_jax.convert.checkpoint import load_params, params_source, read_model_meta, write_model_meta
+from eu_jax.convert.checkpoint import load_params, params_source
 from eu_jax.convert.hf_import import import_checkpoint
 from eu_jax.models.config import RuntimeOptions
 from eu_jax.objectives import Objective
@@ -307,20 +307,20 @@ def test_keep_best_and_early_stopping_survive_preemption_and_kill(tiny, tmp_path
 
 
 def test_nan_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tiny, tmp_path):
-    train(tiny_config(tiny, tmp_path / "run", train={"steps": 2}))
+    """KL-retain against a reference that goes bad between two sessions of the run (its params replaced in its
+    folder, so the run's identity is unchanged): the resumed run stops at its first step, keeping step 2."""
+    reference = tmp_path / "ref"
+    shutil.copytree(tiny["ckpt"], reference)
+    config = tiny_config(tiny, tmp_path / "run", train={"steps": 2}, model={"reference_checkpoint": str(reference)},
+                         objective={"retain": "kl_ref"})
+    train(config)
     good = final_params(tmp_path / "run")
     poisoned = jax.tree.map(np.asarray, load_params(tiny["ckpt"])[0])
     poisoned["final_norm"]["scale"] = poisoned["final_norm"]["scale"] * np.nan
+    shutil.rmtree(reference / "params")
     with ocp.PyTreeCheckpointer() as checkpointer:
-        checkpointer.save(tmp_path / "nan_ref" / "params", poisoned)
-    write_model_meta(tmp_path / "nan_ref", read_model_meta(tiny["ckpt"]))
-    config = tiny_config(
-        tiny,
-        tmp_path / "run",
-        train={"steps": 4},
-        model={"reference_checkpoint": str(tmp_path / "nan_ref")},
-        objective={"retain": "kl_ref"},
-    )
+        checkpointer.save(reference / "params", poisoned)
+    config.train.steps = 4
     with pytest.raises(TrainingDiverged, match=r"not finite at step 3 \(.*retain/kl_ref=nan.*the last checkpoint \(step 2\) is kept"):
         train(config)
     for x, y in zip(jax.tree.leaves(good), jax.tree.leaves(final_params(tmp_path / "run")), strict=True):
