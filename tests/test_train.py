@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 
-from eu_jax.convert.checkpoint import load_params, params_source
+from eu_jax.convert.checkpoint import load_params, params_source, read_model_meta
 from eu_jax.convert.hf_import import import_checkpoint
 from eu_jax.models.config import RuntimeOptions
 from eu_jax.objectives import Objective

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
