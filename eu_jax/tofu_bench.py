@@ -85,6 +85,11 @@ def changed_share(before: Path, after: Path) -> float:
     return changed / total
 
 
+def _as_json(section: ConfigDict) -> dict[str, Any]:
+    """A config section as it reads back from a JSON file (tuples as lists), to compare with a saved one."""
+    return json.loads(section.to_json_best_effort())
+
+
 class TofuBench:
     """The work folder, the benchmark sets and the mesh shared by every step."""
 
@@ -182,7 +187,7 @@ class TofuBench:
         from eu_jax.unierase.pipeline import get_unierase_config, run_unierase
 
         out = self.work / "runs" / "unierase"
-        made_from = {"target": params_identity(target), "data": self._files_digest(), "unierase": self.t.unierase.to_dict()}
+        made_from = {"target": params_identity(target), "data": self._files_digest(), "unierase": _as_json(self.t.unierase)}
         if (out / "model").is_dir() and self._read_json(out / "made_from.json") == made_from:
             return out / "model"
         if out.exists():
@@ -215,7 +220,7 @@ class TofuBench:
 
         path = self.work / "results" / f"{name}.json"
         saved = self._read_json(path)
-        made_from = {"params": params_identity(checkpoint), "data": self._files_digest(), "eval": self.t.eval.to_dict()}
+        made_from = {"params": params_identity(checkpoint), "data": self._files_digest(), "eval": _as_json(self.t.eval)}
         if saved and all(saved.get(key) == value for key, value in made_from.items()):
             return saved
         e = self.t.eval
