@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 
 from eu_jax.assets import cache_dir, fetch_smollm2
 from eu_jax.convert.checkpoint import FORMAT_VERSION, MODEL_META_FILE
+from eu_jax.data import DataSpec, resolve
 from eu_jax.data.domains import MathDomain, write_math_domain
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.sentence_encoder import SentenceEncoder, fetch_minilm
@@ -184,12 +185,20 @@ def train_once(run_config: ConfigDict, eval_fn=None) -> Path:
     return checkpoints
 
 
+def _content(path: str) -> Any:
+    """What identifies a data file's (or hub set's) content, as the training run's identity records it."""
+    spec = DataSpec(path)
+    return resolve(spec).fingerprint(spec)
+
+
 class Evaluator:
     """The suite with its offline judge (fluency under the base model, MiniLM on-topic test), shared by
     every checkpoint evaluated in one workflow; the judge is calibrated once on the base model.
 
     Results are saved as `results_dir/<stem>.json` and reused by a later run when they came from the same
-    checkpoint under the same config, so an interrupted demo or compare does not evaluate anything twice.
+    params (`params_identity`: the run's folder, step and training settings) under the same evaluation
+    settings and held-out data, so an interrupted demo or compare does not evaluate anything twice, and a
+    run with another training setting scores only the models that setting changed (not the base model).
     """
 
     def __init__(self, config: ConfigDict, base: Path, data: WorkflowData, results_dir: Path):
@@ -199,6 +208,8 @@ class Evaluator:
         self.suite = EvalSuite(eval_config)
         self.mesh = mesh_from_config(config.mesh)
         self.results_dir, self.config_json = results_dir, config_to_json(config)
+        held_out = {"retain": eval_config.retain.path, "forget_texts": eval_config.forget_texts.path}
+        self.settings = {"eval": config_to_json(eval_config), "data": {k: _content(v) for k, v in held_out.items()}}
         self.base = EvalModel.load(base, self.mesh, name="base")
         saved = self._saved("base", base)
         self.base_results = saved or self.suite.run(self.base, judge=None)
@@ -212,14 +223,14 @@ class Evaluator:
             if self.judge is not None:
                 self.base_results["harmful"] = self.suite.harmful(self.base, self.judge)
             self.base_results["judge"] = {"max_perplexity": self.judge.max_perplexity} if self.judge else {}
-            self.base_results.update(config=self.config_json, params=params_identity(base))
+            self.base_results.update(config=self.config_json, settings=self.settings, params=params_identity(base))
             write_json_atomic(results_dir / "base.json", self.base_results)
 
     def _saved(self, stem: str, checkpoint: Path) -> dict[str, Any] | None:
         path = self.results_dir / f"{stem}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved.get("params") == params_identity(checkpoint) and saved.get("config") == self.config_json:
+            if saved.get("params") == params_identity(checkpoint) and saved.get("settings") == self.settings:
                 print(f"reusing {path}", flush=True)
                 return saved
         return None
@@ -232,7 +243,8 @@ class Evaluator:
             return saved
         model = EvalModel.load(checkpoint, self.mesh, name=name)
         results = self.suite.run(model, self.judge) | {
-            "judge": self.base_results["judge"], "config": self.config_json, "params": params_identity(checkpoint)
+            "judge": self.base_results["judge"], "config": self.config_json, "settings": self.settings,
+            "params": params_identity(checkpoint),
         }
         write_json_atomic(self.results_dir / f"{stem}.json", results)
         return results

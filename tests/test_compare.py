@@ -52,3 +52,12 @@ def test_compare_runs_each_method_and_its_relearning_attack(tmp_path):
     assert compare.run(config) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (work / "results").glob("*.json") if p.name != "compare.json"} == saved
     assert json.loads((work / "results" / "compare.json").read_text()) == summary
+
+    # Another weight for EU only (NPO's preset sets its own): EU's run and its attack are trained again and
+    # scored again; the base model's scores (and its judge's calibration) and NPO's are reused.
+    config.objective.g = 2.0
+    assert compare.run(config) == 0
+    rerun = {p.name: p.stat().st_mtime_ns for p in (work / "results").glob("*.json") if p.name != "compare.json"}
+    eu_files = {name for name in saved if name.startswith("eu")}
+    assert len(eu_files) == 2 and all(rerun[name] != saved[name] for name in eu_files)
+    assert all(rerun[name] == saved[name] for name in saved.keys() - eu_files)
