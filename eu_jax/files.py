@@ -52,14 +52,20 @@ def localize_path_settings(config: Any, where: str = "config") -> None:
                 config[key] = local
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> Path:
-    """Write JSON under a temporary name, then rename: a reader never sees a half-written file."""
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write text under a temporary name (this process's own), then rename: a reader never sees a half-written
+    file, and a write cut short leaves the old one whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> Path:
+    """`write_text_atomic` of JSON."""
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
 
 
 def load_python_file(path: Path, package: str = "eu_jax_configs") -> ModuleType:

@@ -19,7 +19,6 @@ evaluations), so an interrupted benchmark continues where it stopped.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import time
@@ -85,15 +84,11 @@ def changed_share(before: Path, after: Path) -> float:
     return changed / total
 
 
-def _as_json(section: ConfigDict) -> dict[str, Any]:
-    """A config section as it reads back from a JSON file (tuples as lists), to compare with a saved one."""
-    return json.loads(section.to_json_best_effort())
-
-
 class TofuBench:
     """The work folder, the benchmark sets and the mesh shared by every step."""
 
     def __init__(self, config: ConfigDict):
+        from eu_jax.data import DataSpec, content_fingerprint
         from eu_jax.data.tofu import fictitious_benchmark, hub_benchmark, write_benchmark
         from eu_jax.parallel.mesh import mesh_from_config
         from eu_jax.workflow import base_checkpoint
@@ -110,6 +105,8 @@ class TofuBench:
         else:
             raise ValueError(f"tofu.source {self.t.source!r}: use 'fictitious' or 'hub'")
         self.files = write_benchmark(self.benchmark, self.work / "data")
+        # What the benchmark's source, seed, authors and forget share made: results and UniErase record it.
+        self.files_content = {name: content_fingerprint(DataSpec(str(path))) for name, path in sorted(self.files.items())}
         self.mesh = mesh_from_config(config.mesh)
         self.minutes: dict[str, float] = self._read_json(self.work / "minutes.json") or {}
 
@@ -120,7 +117,7 @@ class TofuBench:
     def _timed(self, name: str, build) -> Path:
         """build() -> checkpoint, the run of runs/<name>; its wall-clock is kept. A run already there keeps its
         first time, even when reusing it still costs something (EU samples its forget texts again); a build
-        that replaces a stale run drops the old time (`_discard_stale`), so the new run is timed."""
+        that replaces a stale run drops the old time (`_train`, `_unierase`), so the new run is timed."""
         from eu_jax.files import write_json_atomic
 
         existed = (self.work / "runs" / name).exists()
@@ -132,11 +129,12 @@ class TofuBench:
         return checkpoint
 
     def _train(self, name: str, run: ConfigDict) -> Path:
-        from eu_jax.workflow import discard_stale_run, train_once
+        """`train_once`, forgetting the time of a stale run it replaces."""
+        from eu_jax.workflow import discard_stale_run, train_unless_finished
 
         if discard_stale_run(run):
             self.minutes.pop(name, None)
-        return train_once(run)
+        return train_unless_finished(run)
 
     def training(self, method: str, checkpoint: Path, retain: Path, forget: Path, name: str, steps: int, lr: float) -> ConfigDict:
         from eu_jax.workflow import with_method
@@ -181,19 +179,22 @@ class TofuBench:
         return self._timed(method, build)
 
     def _unierase(self, target: Path) -> Path:
-        """UniErase on the target, reused while the target, the benchmark's files and the settings are the same."""
+        """UniErase on the target, reused (or an interrupted one continued) while the target, the benchmark's
+        files and the settings it is made from are the same; `made_from.json` records them before it starts."""
         from eu_jax.files import write_json_atomic
+        from eu_jax.train.config import config_to_json
         from eu_jax.train.identity import params_identity
         from eu_jax.unierase.pipeline import get_unierase_config, run_unierase
 
         out = self.work / "runs" / "unierase"
-        made_from = {"target": params_identity(target), "data": self._files_digest(), "unierase": _as_json(self.t.unierase)}
-        if (out / "model").is_dir() and self._read_json(out / "made_from.json") == made_from:
-            return out / "model"
-        if out.exists():
+        made_from = {"target": params_identity(target), "data": self.files_content, "unierase": config_to_json(self.t.unierase)}
+        if out.exists() and self._read_json(out / "made_from.json") != made_from:
             print(f"{out} was made from another target, benchmark or settings: running UniErase again", flush=True)
             shutil.rmtree(out)
             self.minutes.pop("unierase", None)
+        if (out / "model").is_dir():
+            return out / "model"
+        write_json_atomic(out / "made_from.json", made_from)
         config = get_unierase_config()
         config.update(checkpoint=str(target), output=str(out))
         config.forget.path = str(self.files["forget"])
@@ -202,13 +203,7 @@ class TofuBench:
         config.token.training = copy.deepcopy(self.t.unierase.token)
         config.edit = copy.deepcopy(self.t.unierase.edit)
         config.mesh = copy.deepcopy(self.config.mesh)
-        model = run_unierase(config)
-        write_json_atomic(out / "made_from.json", made_from)
-        return model
-
-    def _files_digest(self) -> dict[str, str]:
-        """The benchmark's files by content (its source, seed, authors and forget share decide them)."""
-        return {name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in sorted(self.files.items())}
+        return run_unierase(config)
 
     def evaluate(self, name: str, checkpoint: Path) -> dict[str, Any]:
         """TOFU's metrics of one checkpoint, saved as results/<name>.json and reused for the same params on the
@@ -216,11 +211,12 @@ class TofuBench:
         from eu_jax.eval.model import EvalModel
         from eu_jax.eval.tofu import evaluate_tofu
         from eu_jax.files import write_json_atomic
+        from eu_jax.train.config import config_to_json
         from eu_jax.train.identity import params_identity
 
         path = self.work / "results" / f"{name}.json"
         saved = self._read_json(path)
-        made_from = {"params": params_identity(checkpoint), "data": self._files_digest(), "eval": _as_json(self.t.eval)}
+        made_from = {"params": params_identity(checkpoint), "data": self.files_content, "eval": config_to_json(self.t.eval)}
         if saved and all(saved.get(key) == value for key, value in made_from.items()):
             return saved
         e = self.t.eval

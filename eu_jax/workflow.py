@@ -20,7 +20,7 @@ from ml_collections import ConfigDict
 
 from eu_jax.assets import cache_dir, fetch_smollm2
 from eu_jax.convert.checkpoint import FORMAT_VERSION, MODEL_META_FILE
-from eu_jax.data import DataSpec, resolve
+from eu_jax.data import DataSpec, content_fingerprint
 from eu_jax.data.domains import MathDomain, write_math_domain
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.sentence_encoder import SentenceEncoder, fetch_minilm
@@ -169,11 +169,15 @@ def discard_stale_run(run_config: ConfigDict) -> bool:
 
 def train_once(run_config: ConfigDict, eval_fn=None) -> Path:
     """Train (or finish an interrupted run) and return its checkpoints folder (an eu_jax checkpoint: the
-    latest step); a finished run is reused, one trained with other settings replaced (`discard_stale_run`).
-    Raises TrainingPreempted when the training stops for preemption."""
+    latest step); a finished run is reused, one trained with other settings replaced (`discard_stale_run`)."""
     discard_stale_run(run_config)
-    output = Path(run_config.train.output_dir)
-    checkpoints = output / "checkpoints"
+    return train_unless_finished(run_config, eval_fn)
+
+
+def train_unless_finished(run_config: ConfigDict, eval_fn=None) -> Path:
+    """`train_once` for a run folder already checked by `discard_stale_run`. Raises TrainingPreempted when
+    the training stops for preemption."""
+    checkpoints = Path(run_config.train.output_dir) / "checkpoints"
     steps = run_config.train.steps
     if not (checkpoints / str(steps)).is_dir():
         result = train(run_config, eval_fn=eval_fn)
@@ -183,12 +187,6 @@ def train_once(run_config: ConfigDict, eval_fn=None) -> Path:
                 f"{result.final_step} of {steps} (checkpoint saved): run the same command again to resume"
             )
     return checkpoints
-
-
-def _content(path: str) -> Any:
-    """What identifies a data file's (or hub set's) content, as the training run's identity records it."""
-    spec = DataSpec(path)
-    return resolve(spec).fingerprint(spec)
 
 
 class Evaluator:
@@ -209,7 +207,7 @@ class Evaluator:
         self.mesh = mesh_from_config(config.mesh)
         self.results_dir, self.config_json = results_dir, config_to_json(config)
         held_out = {"retain": eval_config.retain.path, "forget_texts": eval_config.forget_texts.path}
-        self.settings = {"eval": config_to_json(eval_config), "data": {k: _content(v) for k, v in held_out.items()}}
+        self.settings = {"eval": config_to_json(eval_config), "data": {k: content_fingerprint(DataSpec(v)) for k, v in held_out.items()}}
         self.base = EvalModel.load(base, self.mesh, name="base")
         saved = self._saved("base", base)
         self.base_results = saved or self.suite.run(self.base, judge=None)

@@ -10,7 +10,7 @@ import datasets
 import pandas as pd
 import pytest
 
-from eu_jax.data.sources import DataError, DataSpec, Record, load_records, resolve, with_response
+from eu_jax.data.sources import DataError, DataSpec, Record, content_fingerprint, load_records, resolve, with_response
 
 PAIRS = [{"prompt": f"Question {i}?", "response": f"Answer {i}, with a comma and \"quotes\"."} for i in range(5)]
 PAIRS[2]["response"] = "42"  # numeric-looking text stays text in every format (CSV included)
@@ -191,3 +191,22 @@ def test_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     assert resolve(DataSpec("someone/some-dataset")).kind == "hub"
     _fails(DataSpec("someone/some-dataset"), r"someone/some-dataset: not a local file or folder, and the Hugging Face hub could not provide it")
+
+
+def test_content_fingerprint_follows_the_bytes_wherever_the_file_lies(tmp_path):
+    """Files are hashed once per process while their size and modification time stay: a rewrite of the same
+    length (a later modification time) is hashed again, and a copy elsewhere has the same fingerprint."""
+    import hashlib
+    import os
+    import shutil
+
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"text": "one"}\n')
+    first = content_fingerprint(DataSpec(str(data)))
+    assert first == {"files": [hashlib.sha256(data.read_bytes()).hexdigest()]}
+    (tmp_path / "copy").mkdir()
+    assert content_fingerprint(DataSpec(str(shutil.copy(data, tmp_path / "copy" / "b.jsonl")))) == first
+    before = data.stat().st_mtime_ns
+    data.write_text('{"text": "two"}\n')
+    os.utime(data, ns=(before + 1, before + 1))
+    assert content_fingerprint(DataSpec(str(data))) == {"files": [hashlib.sha256(data.read_bytes()).hexdigest()]} != first

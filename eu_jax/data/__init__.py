@@ -7,7 +7,7 @@ Typical use: `load_set(DataSpec(path), tokenizer, LengthPolicy(max_length)).arra
 from eu_jax.data.cache import TokenCache
 from eu_jax.data.chat import Encoder, use_chat_template
 from eu_jax.data.pipeline import DataReport, LengthPolicy, LoadedSet, TokenizedSet, load_set, pack_examples, tokenize_records
-from eu_jax.data.sources import DataError, DataSpec, Record, load_records, resolve, with_response
+from eu_jax.data.sources import DataError, DataSpec, Record, content_fingerprint, load_records, resolve, with_response
 
 __all__ = [
     "DataError",
@@ -19,6 +19,7 @@ __all__ = [
     "Record",
     "TokenCache",
     "TokenizedSet",
+    "content_fingerprint",
     "load_records",
     "load_set",
     "pack_examples",

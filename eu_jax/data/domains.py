@@ -22,13 +22,14 @@ import dataclasses
 import hashlib
 import json
 import operator
-import os
 import random
 from dataclasses import dataclass, field
 from fractions import Fraction
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
+
+from eu_jax.files import write_text_atomic
 
 FORMAT_VERSION = 1
 # Items per reasoning-gym stream: the most a domain may draw, and the spacing between seeds' streams.
@@ -136,14 +137,14 @@ def write_math_domain(domain: MathDomain, out_dir: str | Path) -> dict[str, Path
     hashes = {}
     for name in ("train", "heldout"):
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in splits[name])
-        _write_atomic(paths[name], text)
+        write_text_atomic(paths[name], text)
         hashes[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
     provenance = {
         "settings": settings,
         "counts": {"train": len(splits["train"]), "heldout": len(splits["heldout"]), **counts},
         "sha256": hashes,
     }
-    _write_atomic(paths["domain"], json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(paths["domain"], json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     return paths
 
 
@@ -249,9 +250,3 @@ def _reusable(paths: dict[str, Path], settings: dict[str, Any]) -> bool:
                    for name in ("train", "heldout"))
     except (OSError, ValueError, KeyError, TypeError):
         return False
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)

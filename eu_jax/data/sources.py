@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import csv
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -134,16 +135,31 @@ class Source:
             dataset = self._hub_dataset(spec)
             return {"hub": spec.path, "subset": spec.subset, "split": spec.split, "revision": spec.revision,
                     "fingerprint": getattr(dataset, "_fingerprint", None)}
-        out = []  # content only, in reading order: the same data under another name or folder is the same set
-        for path in self.files:
-            with open(path, "rb") as handle:
-                out.append(hashlib.file_digest(handle, "sha256").hexdigest())
-        return {self.kind: out}
+        # Content only, in reading order: the same data under another name or folder is the same set.
+        return {self.kind: [_file_sha256(str(path), *_size_and_mtime(path)) for path in self.files]}
 
     def _hub_dataset(self, spec: DataSpec):
         if self._hub is None:
             self._hub = _load_hub(spec)
         return self._hub
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's SHA-256, hashed once per process while its size and modification time stay the same: a run's
+    start fingerprints its data for the token cache and for its identity (and a workflow for its results)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def content_fingerprint(spec: DataSpec) -> dict[str, Any]:
+    """What identifies the content of the data `spec` names (`Source.fingerprint`)."""
+    return resolve(spec).fingerprint(spec)
 
 
 def resolve(spec: DataSpec) -> Source:

@@ -26,12 +26,13 @@ pipeline pairs each forget prompt with `config.data.preferred_response` (the ref
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
+
+from eu_jax.files import write_text_atomic
 
 HUB_DATASET = "locuslab/TOFU"
 HUB_FORGET_SPLITS = ("forget01", "forget05", "forget10")
@@ -342,10 +343,7 @@ def write_benchmark(benchmark: TofuBenchmark, folder: str | Path) -> dict[str, P
     sets = benchmark.sets() | {"full": benchmark.retain + benchmark.forget}
     paths = {}
     for name, items in sets.items():
-        paths[name] = folder / f"{name}.jsonl"
-        temp = folder / f".{name}.jsonl.{os.getpid()}.tmp"
-        temp.write_text("".join(json.dumps(item.row()) + "\n" for item in items), encoding="utf-8")
-        os.replace(temp, paths[name])
+        paths[name] = write_text_atomic(folder / f"{name}.jsonl", "".join(json.dumps(item.row()) + "\n" for item in items))
     return paths
 
 

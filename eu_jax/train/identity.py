@@ -17,15 +17,15 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from eu_jax.convert.checkpoint import TRAIN_STATE_ITEM, latest_step_dir, params_source
-from eu_jax.data import DataSpec, resolve
+from eu_jax.data import DataSpec, content_fingerprint
 from eu_jax.data.cache import digest
+from eu_jax.objectives.base import KINDS as HALVES  # the batch halves are named as the terms' kinds
 from eu_jax.train.checkpointing import saved_identity
 from eu_jax.train.config import config_to_json
 
 # data.* keys that do not change what is trained: the tokenized-set cache, gradient accumulation (the same
 # batch, summed in parts), and the held-out sets of the built-in evaluation.
 DATA_KEYS_FREE = ("cache", "cache_dir", "microbatches", "eval_retain", "eval_forget")
-HALVES = ("retain", "forget")
 SHOWN_DIFFERENCES = 4
 
 
@@ -44,12 +44,11 @@ def _data_identity(config: ConfigDict) -> dict[str, Any]:
     `datasets` fingerprint."""
     data = {k: v for k, v in config_to_json(config.data).items() if k not in DATA_KEYS_FREE}
     for half in HALVES:
-        spec = DataSpec.from_mapping(config.data[half])
-        source = resolve(spec)
+        content = content_fingerprint(DataSpec.from_mapping(config.data[half]))
         section = dict(data[half])
-        if source.kind != "hub":
+        if "hub" not in content:
             section.pop("path")
-        data[half] = section | {"content": source.fingerprint(spec)}
+        data[half] = section | {"content": content}
     return data
 
 

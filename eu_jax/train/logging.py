@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Mapping
 
 import jax
 from tqdm.auto import tqdm
+
+from eu_jax.files import write_text_atomic
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:
@@ -24,9 +25,7 @@ def _keep_records_up_to(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text("".join(kept), encoding="utf-8")
-    os.replace(temp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 class MetricsLogger:

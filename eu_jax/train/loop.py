@@ -350,7 +350,7 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
         logger.message(f"the run stopped early at step {start_step} ({train_cfg.best_metric} had stopped improving): nothing to train")
     preemption = _Preemption()
     metrics_host: dict[str, float] = {}
-    stopped_early, preempted = best.stopped, False
+    preempted = False
 
     def json_items() -> dict[str, dict]:
         return {"config": config_json, "identity": run.identity, "progress": best.to_json()}
@@ -358,7 +358,7 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
     pending_save = None
     try:
         with activation_sharding(run.mesh):
-            while step < steps and not stopped_early:
+            while step < steps and not best.stopped:
                 batch, tokens = make_batch(run.sets, step, config.data.seed, run.data_sharding)
                 if run.reference_fn is not None:
                     batch = with_reference_outputs(batch, run.reference_fn(run.reference_params, batch))
@@ -395,7 +395,7 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
                             checkpoints.save_best(step, state)
                         if best.exhausted:
                             logger.message(f"early stopping at step {step}: {train_cfg.best_metric} has not improved in {best.patience} evaluations")
-                            stopped_early = best.stopped = True
+                            best.stopped = True
                             break
                 if train_cfg.save_every and step % train_cfg.save_every == 0:
                     checkpoints.save(step, state, json_items())  # orbax first finishes the previous save
@@ -412,7 +412,7 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
         checkpoints.close()
         logger.close()
     logger.message(f"checkpoint step {step} committed")
-    return TrainResult(step, start_step, metrics_host, checkpoints.directory, stopped_early, preempted)
+    return TrainResult(step, start_step, metrics_host, checkpoints.directory, best.stopped, preempted)
 
 
 def _diverged(step: int, metrics: dict[str, float], checkpoints: RunCheckpoints) -> TrainingDiverged:
