@@ -80,6 +80,17 @@ def test_truncated_safetensors(hf_dir, tmp_path):
         import_checkpoint(hf_dir, tmp_path / "ckpt", progress=False)
 
 
+def test_integer_weight_refused(hf_dir, tmp_path):
+    path = hf_dir / "model.safetensors"
+    tensors = safetensors.numpy.load_file(path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name] = tensors[name].astype(np.int8)
+    safetensors.numpy.save_file(tensors, path)
+    with pytest.raises(ValueError, match=f"tensor {name} in model.safetensors is int8, but weights must be floating"):
+        import_checkpoint(hf_dir, tmp_path / "ckpt", progress=False)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def to_pickle(hf_dir):
     """The directory's weights as a pytorch_model.bin pickle instead of safetensors."""
     state = {k: torch.from_numpy(v) for k, v in safetensors.numpy.load_file(hf_dir / "model.safetensors").items()}

@@ -216,6 +216,18 @@ def test_offsets_not_matching_shape(tmp_path):
         open_hf_weights(tmp_path)
 
 
+def test_overlapping_tensors(tmp_path):
+    header = {
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+    }
+    _raw_safetensors(tmp_path / "model.safetensors", header, bytes(16))
+    with pytest.raises(safetensors.SafetensorError):  # the reference reader refuses it too
+        safetensors.numpy.load_file(tmp_path / "model.safetensors")
+    with pytest.raises(WeightFormatError, match=r"is corrupt: the data of tensors 'a' and 'b' overlap"):
+        open_hf_weights(tmp_path)
+
+
 def test_unknown_dtype(tmp_path):
     header = {"w": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}
     _raw_safetensors(tmp_path / "model.safetensors", header, bytes(4))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -65,6 +66,11 @@ def check_weight_names_and_shapes(weights: WeightReader, config: ModelConfig, ab
             expected.add(name)
             if name not in weights:
                 raise ValueError(f"missing tensor {name}: the checkpoint lacks it but the config ({_describe(config)}) needs it")
+            if not jnp.issubdtype(weights.dtype(name), jnp.floating):
+                raise ValueError(
+                    f"tensor {name} in {weights.file_of(name).name} is {weights.dtype(name)}, but weights must be "
+                    "floating point (an integer tensor here is a quantised or corrupt checkpoint)"
+                )
             if tuple(weights.shape(name)) != hf_shape:
                 raise ValueError(
                     f"tensor {name} in {weights.file_of(name).name} has shape {tuple(weights.shape(name))}, "

@@ -260,7 +260,18 @@ def _read_header(path: Path, handle: BinaryIO) -> dict[str, _Entry]:
         raise WeightFormatError(f"{path} is corrupt: its header is not a JSON object")
     header.pop("__metadata__", None)
     data_start = 8 + header_len
-    return {name: _parse_entry(path, name, info, data_start, size - data_start) for name, info in header.items()}
+    entries = {name: _parse_entry(path, name, info, data_start, size - data_start) for name, info in header.items()}
+    _check_disjoint(path, entries)
+    return entries
+
+
+def _check_disjoint(path: Path, entries: dict[str, _Entry]) -> None:
+    """Refuse tensors whose bytes overlap, as the reference reader does: a writer never shares bytes between
+    tensors, so an overlap means a corrupt or crafted header (two weights would read each other's data)."""
+    ordered = sorted((entry.start, entry.start + entry.nbytes, name) for name, entry in entries.items())
+    for (_, end, name), (start, _, next_name) in zip(ordered, ordered[1:]):
+        if start < end:
+            raise WeightFormatError(f"{path} is corrupt: the data of tensors {name!r} and {next_name!r} overlap")
 
 
 def _parse_entry(path: Path, name: str, info: object, data_start: int, data_size: int) -> _Entry:
