@@ -27,11 +27,11 @@ def make_nll_eval(
     config: ModelConfig,
     options: RuntimeOptions,
     sets: Mapping[str, Mapping[str, np.ndarray]],
-    batch_size: int,
+    rows_per_forward: int,
     sharding: NamedSharding,
     chunk_tokens: int = 1024,
 ) -> Callable[[Params, int], dict[str, float]]:
-    """Token-weighted NLL of each named set, over all its examples in fixed batches."""
+    """Token-weighted NLL of each named set, over all its examples, `rows_per_forward` rows at a time."""
 
     @jax.jit
     def nll_sums(params, ids, attention, loss_mask):
@@ -45,14 +45,14 @@ def make_nll_eval(
         return -(logp * mask).sum(), mask.sum()
 
     # Pad every set to whole batches with empty rows (no attention, no loss): they count for nothing.
-    padded = {name: {k: _pad_rows(a, batch_size) for k, a in arrays.items()} for name, arrays in sets.items()}
+    padded = {name: {k: _pad_rows(a, rows_per_forward) for k, a in arrays.items()} for name, arrays in sets.items()}
 
     def evaluate(params: Params, step: int) -> dict[str, float]:
         results = {}
         for name, arrays in padded.items():
             total, count = 0.0, 0.0
-            for start in range(0, len(arrays["input_ids"]), batch_size):
-                rows = slice(start, start + batch_size)
+            for start in range(0, len(arrays["input_ids"]), rows_per_forward):
+                rows = slice(start, start + rows_per_forward)
                 batch = [jax.device_put(arrays[k][rows], sharding) for k in ("input_ids", "attention_mask", "loss_mask")]
                 s, c = jax.device_get(nll_sums(params, *batch))
                 total, count = total + float(s), count + float(c)

@@ -145,7 +145,10 @@ def _builtin_eval(config: ConfigDict, tokenizer, model_config, options: RuntimeO
             sets[name] = load_set(DataSpec.from_mapping(section), tokenizer, policy, cache=_data_cache(config)).data.arrays()
     if not sets:
         return None
-    return make_nll_eval(model_config, options, sets, config.data.batch_size, sharding, config.objective.chunk_tokens)
+    # As many rows per forward as one training forward runs (both halves of a micro-batch), so the evaluation
+    # fits wherever training does: micro-batches exist to bound that.
+    rows = 2 * config.data.batch_size // config.data.microbatches
+    return make_nll_eval(model_config, options, sets, rows, sharding, config.objective.chunk_tokens)
 
 
 def make_batch(sets: dict[str, ShardedSet], step: int, seed: int, sharding) -> tuple[dict, dict[str, int]]:
