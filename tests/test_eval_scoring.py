@@ -11,7 +11,7 @@ from eu_jax.data import Encoder, Record
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.scoring import response_scores, score_records
 from eu_jax.parallel.mesh import make_mesh, single_device_mesh
-from tests.tiny_run import make_tiny_run
+from tests.tiny_run import make_chat_checkpoint, make_tiny_run
 
 TEXTS = ["short", "a somewhat longer text of many characters", "mid-size line!", "x" * 70, "q"]
 # Prompts and replies of unrelated lengths: batches of two mix 62 and 15 scored tokens, or pair a long
@@ -76,6 +76,27 @@ def test_response_scores_count_only_the_response(tiny):
     # The char tokenizer has no template: [BOS] prompt response EOS, scoring the response and EOS.
     np.testing.assert_array_equal(a.tokens, [len("Person 01.") + 1] * 2)
     assert a.perplexity()[0] != pytest.approx(a.perplexity()[1])  # the prompt conditions the response
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_response_scores_without_the_closing_token(tiny, chat):
+    """The judge's fluency scores: the reply's text alone, without the EOS (no template) or the template's
+    end-of-turn token ("</s>" in QA_TEMPLATE) that closes it."""
+    root = tiny["ckpt"].parent
+    checkpoint = make_chat_checkpoint(root) if chat else tiny["ckpt"]
+    model = EvalModel.load(checkpoint, single_device_mesh())
+    prompts, replies = ["Who is 01?", "5"], ["Person 01.", "a reply cut off at the tok"]
+    text_only = response_scores(model, prompts, replies, end_of_turn=False)
+    np.testing.assert_array_equal(text_only.tokens, [len(r) for r in replies])
+    encoded = Encoder(model.tokenizer).encode_many([Record(where="", prompt=p, response=r) for p, r in zip(prompts, replies)])
+    for e in encoded:  # the closing token is the last scored one, and special
+        last = np.flatnonzero(e.loss)[-1]
+        assert model.tokenizer.convert_ids_to_tokens(int(e.ids[last])) == "</s>"
+        e.loss[last] = 0
+    expected = torch_sums(root / ("chat_hf" if chat else "hf"), encoded)
+    np.testing.assert_allclose(text_only.nll, expected[0], rtol=2e-4)
+    whole = response_scores(model, prompts, replies)
+    assert np.all(whole.tokens == text_only.tokens + 1) and np.all(whole.nll > text_only.nll)
 
 
 def test_answers_do_not_depend_on_batching(tiny):

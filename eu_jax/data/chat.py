@@ -67,6 +67,7 @@ class Encoder:
             if getattr(token, "special", False):
                 specials.add(str(token.content))
         self.specials = sorted((s for s in specials if s), key=len, reverse=True)
+        self._special_ids = ({tokenizer.convert_tokens_to_ids(s) for s in self.specials} | {self.eos_id}) - {None}
         self._offsets = None  # whether the tokenizer returns offset mappings (probed on first use)
 
     # ---- public ------------------------------------------------------------------------------------
@@ -96,6 +97,16 @@ class Encoder:
                     loss.extend(part_loss.tolist())
                 out.append(self._finish(ids, loss, plan.template_bos, plan.eos_loss))
         return out
+
+    def without_closing_special(self, encoded: Encoded) -> Encoded:
+        """`encoded` with its last scored token unscored when that token is special: the end-of-turn token
+        or EOS that closes a scored reply, leaving the reply's own text scored."""
+        scored = np.flatnonzero(encoded.loss)
+        if not len(scored) or int(encoded.ids[scored[-1]]) not in self._special_ids:
+            return encoded
+        loss = encoded.loss.copy()
+        loss[scored[-1]] = 0
+        return Encoded(encoded.ids, loss)
 
     # ---- plans: texts to tokenize and the character spans to score -----------------------------------
 

@@ -122,7 +122,18 @@ def score_records(model: EvalModel, records: Sequence[Record], batch_size: int =
     return score_encoded(model, Encoder(model.tokenizer).encode_many(list(records)), batch_size)
 
 
-def response_scores(model: EvalModel, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> ExampleScores:
-    """Scores of each response as the assistant's reply to its prompt (the prompt is context, not scored)."""
+def response_scores(
+    model: EvalModel, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16, end_of_turn: bool = True
+) -> ExampleScores:
+    """Scores of each response as the assistant's reply to its prompt (the prompt is context, not scored).
+
+    `end_of_turn=False` leaves out the special token that closes the reply (the template's end-of-turn or the
+    appended EOS), scoring the reply's text alone: a reply cut off at a token limit is then not charged for
+    the unlikely end the encoding gives it (the judge's fluency test).
+    """
     records = [Record(where=f"response {i}", prompt=p, response=r) for i, (p, r) in enumerate(zip(prompts, responses))]
-    return score_records(model, records, batch_size)
+    encoder = Encoder(model.tokenizer)
+    encoded = encoder.encode_many(records)
+    if not end_of_turn:
+        encoded = [encoder.without_closing_special(e) for e in encoded]
+    return score_encoded(model, encoded, batch_size)

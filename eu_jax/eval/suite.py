@@ -186,7 +186,8 @@ class EvalSuite:
         c = self.config.judge
 
         def perplexity(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-            return response_scores(base, prompts, responses, self.config.batch_size).perplexity()
+            # The reply's text alone: an attack reply cut off at max_new_tokens is no less fluent for its missing end.
+            return response_scores(base, prompts, responses, self.config.batch_size, end_of_turn=False).perplexity()
 
         threshold = c.max_perplexity if c.max_perplexity > 0 else calibrated or 0.0
         if threshold <= 0:
