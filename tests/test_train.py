@@ -270,6 +270,20 @@ def test_a_workflow_trains_again_a_run_whose_settings_or_starting_model_changed(
     assert "attack was trained with other settings (params: " in capsys.readouterr().out
 
 
+def test_a_workflow_trains_again_a_run_whose_imported_model_was_imported_again(tmp_path, capsys):
+    """An imported checkpoint's folder may be replaced by a new import (another revision of the model): its
+    identity is the folder and the time orbax committed it, so the run started from it is trained again."""
+    own = make_tiny_run(tmp_path / "tiny")
+    run = tiny_config(own, tmp_path / "run", train={"steps": 1})
+    train_once(run)
+    train_once(run)
+    assert "training it again" not in capsys.readouterr().out
+    shutil.rmtree(own["ckpt"])
+    import_checkpoint(tmp_path / "tiny" / "hf", own["ckpt"], progress=False)
+    train_once(run)
+    assert f"run was trained with other settings (params: {own['ckpt'] / 'params'}@" in capsys.readouterr().out
+
+
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny, tmp_path, caplog):
     train(tiny_config(tiny, tmp_path, train={"steps": 4, "save_every": 2}))
     for path in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):

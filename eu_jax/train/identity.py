@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
 from eu_jax.convert.checkpoint import TRAIN_STATE_ITEM, latest_step_dir, params_source
@@ -31,12 +32,17 @@ SHOWN_DIFFERENCES = 4
 
 def params_identity(checkpoint: str | Path) -> str:
     """The folder a checkpoint's params are read from now (a run's latest step), and for a run's step the
-    digest of the identity it was trained with: a run trained again in its folder under other settings keeps
-    its step folders' paths, so this is what tells its params apart, and what results, self-generated texts
-    and runs started from it record to be made again when it changes."""
+    digest of the identity it was trained with, for a params checkpoint (an import, a UniErase edit) the time
+    orbax committed it: a run trained again in its folder under other settings keeps its step folders' paths,
+    and a model imported again keeps its folder, so this is what tells their params apart, and what results,
+    self-generated texts and runs started from them record to be made again when it changes."""
     source = Path(params_source(checkpoint))
-    saved = saved_identity(source.parent) if source.name == TRAIN_STATE_ITEM else None
-    return str(source) if saved is None else f"{source}#{digest(saved)}"
+    if source.name == TRAIN_STATE_ITEM:
+        saved = saved_identity(source.parent)
+        return str(source) if saved is None else f"{source}#{digest(saved)}"
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        committed = checkpointer.metadata(source).commit_timestamp_nsecs
+    return str(source) if committed is None else f"{source}@{committed}"
 
 
 def _data_identity(config: ConfigDict) -> dict[str, Any]:
