@@ -37,6 +37,53 @@ TABLE = ("forget_quality", "model_utility", "forget_rouge", "forget_probability"
 FINETUNED = ("target", "retain_reference")
 
 
+class StageClock:
+    """Wall-clock minutes of each stage, kept in `minutes.json` of the work folder.
+
+    A stage that was interrupted (an exception, SIGTERM's preemption, Ctrl-C) keeps the minutes it spent
+    under "unfinished", and the run that finishes it adds them, so a resumed stage reports its whole time
+    (a SIGKILL'd process records nothing). A finished stage keeps its first time, even when reusing it still
+    costs something (EU samples its forget texts again); `forget` drops a stage whose run is replaced.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        self.unfinished: dict[str, float] = saved.pop("unfinished", {})
+        self.minutes: dict[str, float] = saved
+
+    def get(self, name: str) -> float | None:
+        return self.minutes.get(name)
+
+    def timed(self, name: str, build, fresh: bool = False):
+        """build()'s result, its minutes recorded unless the stage has a finished time (which build() may drop
+        with `forget`); `fresh`: the stage starts from nothing, so any time it has is dropped first."""
+        if fresh:
+            self.forget(name)
+        start = time.perf_counter()
+        try:
+            result = build()
+        except BaseException:
+            if name not in self.minutes:
+                self.unfinished[name] = self.unfinished.get(name, 0.0) + (time.perf_counter() - start) / 60
+                self._save()
+            raise
+        if name not in self.minutes:
+            self.minutes[name] = self.unfinished.pop(name, 0.0) + (time.perf_counter() - start) / 60
+            self._save()
+        return result
+
+    def forget(self, name: str) -> None:
+        """Drop a stage's time (its run is being replaced), so the new run is timed afresh."""
+        self.minutes.pop(name, None)
+        self.unfinished.pop(name, None)
+
+    def _save(self) -> None:
+        from eu_jax.files import write_json_atomic
+
+        write_json_atomic(self.path, self.minutes | ({"unfinished": self.unfinished} if self.unfinished else {}))
+
+
 def tofu_section() -> ConfigDict:
     """The `tofu` section the benchmark adds to a training config (model / hardware presets as usual)."""
     from eu_jax.unierase.edit import get_edit_config
@@ -108,32 +155,22 @@ class TofuBench:
         # What the benchmark's source, seed, authors and forget share made: results and UniErase record it.
         self.files_content = {name: content_fingerprint(DataSpec(str(path))) for name, path in sorted(self.files.items())}
         self.mesh = mesh_from_config(config.mesh)
-        self.minutes: dict[str, float] = self._read_json(self.work / "minutes.json") or {}
+        self.clock = StageClock(self.work / "minutes.json")
 
     @staticmethod
     def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _timed(self, name: str, build) -> Path:
-        """build() -> checkpoint, the run of runs/<name>; its wall-clock is kept. A run already there keeps its
-        first time, even when reusing it still costs something (EU samples its forget texts again); a build
-        that replaces a stale run drops the old time (`_train`, `_unierase`), so the new run is timed."""
-        from eu_jax.files import write_json_atomic
-
-        existed = (self.work / "runs" / name).exists()
-        start = time.perf_counter()
-        checkpoint = build()
-        if not (existed and name in self.minutes):
-            self.minutes[name] = (time.perf_counter() - start) / 60
-            write_json_atomic(self.work / "minutes.json", self.minutes)
-        return checkpoint
+        """build() -> checkpoint, the run of runs/<name>, timed (a run not there yet is timed afresh)."""
+        return self.clock.timed(name, build, fresh=not (self.work / "runs" / name).exists())
 
     def _train(self, name: str, run: ConfigDict) -> Path:
         """`train_once`, forgetting the time of a stale run it replaces."""
         from eu_jax.workflow import discard_stale_run, train_unless_finished
 
         if discard_stale_run(run):
-            self.minutes.pop(name, None)
+            self.clock.forget(name)
         return train_unless_finished(run)
 
     def training(self, method: str, checkpoint: Path, retain: Path, forget: Path, name: str, steps: int, lr: float) -> ConfigDict:
@@ -191,7 +228,7 @@ class TofuBench:
         if out.exists() and self._read_json(out / "made_from.json") != made_from:
             print(f"{out} was made from another target, benchmark or settings: running UniErase again", flush=True)
             shutil.rmtree(out)
-            self.minutes.pop("unierase", None)
+            self.clock.forget("unierase")
         if (out / "model").is_dir():
             return out / "model"
         write_json_atomic(out / "made_from.json", made_from)
@@ -267,12 +304,12 @@ def run(config: ConfigDict) -> int:
     rows = {}
     for name, checkpoint in (("target", target), ("retain_reference", reference)):
         results = add_forget_quality(bench.evaluate(name, checkpoint), reference_results)
-        rows[name] = headline(results, bench.minutes.get(name), None)
+        rows[name] = headline(results, bench.clock.get(name), None)
     for method in [m.strip() for m in t.methods.split(",") if m.strip()]:
         print(f"\n== {method}: unlearning the forget authors from the target", flush=True)
         checkpoint = bench.unlearn(method, target)
         results = add_forget_quality(bench.evaluate(method, checkpoint), reference_results)
-        rows[method] = headline(results, bench.minutes.get(method), changed_share(target, checkpoint))
+        rows[method] = headline(results, bench.clock.get(method), changed_share(target, checkpoint))
 
     out = bench.work / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,24 @@ def test_changed_share_counts_differing_and_added_values(tmp_path):
     assert tofu_bench.changed_share(ckpt, ckpt) == 0.0
 
 
+def test_a_stage_resumed_after_an_interruption_reports_its_whole_time(tmp_path, monkeypatch):
+    now = iter([0.0, 120.0, 1000.0, 1060.0, 2000.0, 3000.0, 3600.0])  # seconds read at each start and stop
+    monkeypatch.setattr(tofu_bench.time, "perf_counter", lambda: next(now))
+
+    def preempted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tofu_bench.StageClock(tmp_path / "minutes.json").timed("eu", preempted)
+    assert tofu_bench.StageClock(tmp_path / "minutes.json").timed("eu", lambda: "done") == "done"  # a new process
+    assert json.loads((tmp_path / "minutes.json").read_text()) == {"eu": 3.0}  # 2 minutes, then 1 to finish
+    clock = tofu_bench.StageClock(tmp_path / "minutes.json")
+    clock.timed("eu", lambda: "reused")  # a finished stage keeps its first time
+    assert clock.get("eu") == 3.0
+    clock.timed("eu", lambda: clock.forget("eu"))  # its run replaced: timed again (10 minutes)
+    assert json.loads((tmp_path / "minutes.json").read_text()) == {"eu": 10.0}
+
+
 def test_the_benchmark_runs_every_stage_and_reuses_them(tmp_path, capsys):
     config = tofu_config()
     config.model.checkpoint = str(make_chat_checkpoint(tmp_path))
