@@ -19,6 +19,7 @@ tokens depend on the seed, its index and its own prompt, not on the other rows o
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -61,8 +62,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not (0 <= self.temperature < math.inf):  # NaN fails too: it would turn every logit into NaN
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 is greedy)")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 is off)")
         if not 0 < self.top_p <= 1:

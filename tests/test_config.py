@@ -55,6 +55,16 @@ def test_family_specific_flags():
     assert mistral.sliding_window == 4096
     llama = from_hf_config({**BASE, "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True})
     assert llama.qkv_bias and llama.o_bias and llama.mlp_bias and llama.tie_word_embeddings
+    # transformers' Llama attends over every position whatever a sliding_window key says.
+    assert from_hf_config({**BASE, "sliding_window": 4}).sliding_window is None
+
+
+def test_raw_config_defaults_are_transformers():
+    """A raw config.json dict that leaves head_dim out gets the value transformers gives it."""
+    raw = {k: v for k, v in BASE.items() if k != "head_dim"}
+    for model_type, config_class in (("qwen3", transformers.Qwen3Config), ("llama", transformers.LlamaConfig)):
+        expected = config_class(**{k: v for k, v in raw.items() if k != "model_type"}).head_dim
+        assert from_hf_config({**raw, "model_type": model_type}).head_dim == expected
 
 
 def test_param_count_matches_transformers():

@@ -124,6 +124,12 @@ def test_seeds_outside_uint32_are_refused_by_name(seed):
     assert SamplingConfig(NEW_TOKENS, temperature=1.0, seed=2**32 - 1).seed == 2**32 - 1
 
 
+@pytest.mark.parametrize("temperature", [-0.5, float("nan"), float("inf")])
+def test_temperatures_that_are_not_finite_and_non_negative_are_refused(temperature):
+    with pytest.raises(ValueError, match=rf"^temperature={temperature} must be a finite number >= 0 \(0 is greedy\)$"):
+        SamplingConfig(NEW_TOKENS, temperature=temperature)
+
+
 # ----------------------------------------------------------------------------------------- sampling
 
 

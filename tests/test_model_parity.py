@@ -185,9 +185,10 @@ def test_each_remat_policy_keeps_less_for_the_backward_pass(qwen3):
 
 def test_hidden_states_match_transformers(qwen3):
     reference = hf_forward(qwen3.hf, output_hidden_states=True).hidden_states
-    ours = eu_logits(qwen3, hidden_layers=(0, 1)).hidden_states
+    layers = tuple(range(len(reference)))  # the last, after every layer, is taken after the final norm
+    ours = eu_logits(qwen3, hidden_layers=layers).hidden_states
     valid = ATTENTION_MASK.astype(bool)
-    for slot, layer in enumerate((0, 1)):
+    for slot, layer in enumerate(layers):
         assert np.abs(reference[layer].numpy() - np.asarray(ours[slot]))[valid].max() < 1e-4
 
 
@@ -269,6 +270,16 @@ def test_prefill_refuses_a_cache_shorter_than_its_prompts(family):
     decoder = build_decoder(family.config, family.params)
     with pytest.raises(ValueError, match="cache of 4 slots cannot hold prompts of 5 tokens"):
         decoder.prefill(jnp.asarray(INPUT_IDS[:, :5]), jnp.asarray(ATTENTION_MASK[:, :5]), 4)
+
+
+def test_a_call_with_a_cache_refuses_tokens_past_its_last_slot(family):
+    decoder = build_decoder(family.config, family.params)
+    ids, mask = jnp.asarray(INPUT_IDS[:2]), jnp.asarray(ATTENTION_MASK[:2])
+    cache = decoder(ids[:, :6], mask[:, :6], cache=KVCache.init(family.config, 2, 8)).cache
+    with pytest.raises(ValueError, match="KV cache of 8 slots, 6 of them in use, cannot take 4 more tokens"):
+        decoder(ids[:, 6:10], mask[:, 6:10], cache=cache)
+    with pytest.raises(ValueError, match="KV cache of 8 slots, 0 of them in use, cannot take 9 more tokens"):
+        jax.jit(lambda ids, mask, cache: decoder(ids, mask, cache=cache))(ids[:, :9], mask[:, :9], KVCache.init(family.config, 2, 8))
 
 
 @pytest.mark.parametrize(

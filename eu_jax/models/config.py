@@ -185,7 +185,7 @@ def _sliding_window_from_hf(cfg: Mapping[str, Any]) -> int | None:
         if cfg.get("use_sliding_window"):
             raise UnsupportedModelError(f"{model_type} with use_sliding_window=True is not supported")
         return None
-    if window is None:
+    if model_type != "mistral" or window is None:  # transformers' Llama ignores a sliding_window key
         return None
     return int(window)
 
@@ -246,7 +246,8 @@ def _model_config(cfg: Mapping[str, Any], model_type: str) -> ModelConfig:
         num_layers=int(cfg["num_hidden_layers"]),
         num_heads=num_heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-        head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+        # transformers' default where a raw config.json leaves head_dim out: Qwen3's is 128, the others' derived.
+        head_dim=int(cfg.get("head_dim") or (128 if model_type == "qwen3" else hidden // num_heads)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope=_rope_from_hf(cfg),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),

@@ -78,6 +78,19 @@ class KVCache:
         return cls(k=k, v=v, positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
+def _check_cache_room(cache: KVCache, tokens: int) -> None:
+    """Refuse tokens the cache has no slots left for, where that is known when tracing (always for more tokens
+    than slots; for a cache index that is not traced, from the index): `dynamic_update_slice` would silently
+    move the write back over earlier slots instead."""
+    slots = cache.positions.shape[1]
+    try:
+        index = int(cache.index)
+    except jax.errors.ConcretizationTypeError:  # inside jit: only the shapes are known
+        index = 0
+    if index + tokens > slots:
+        raise ValueError(f"a KV cache of {slots} slots, {index} of them in use, cannot take {tokens} more tokens")
+
+
 def _swap_slots_last(keys: jax.Array) -> jax.Array:
     """Keys [B,K,T,H] <-> the cache's [B,K,H,T] layout (slots last, see `_one_query_attention`); its own inverse."""
     return jnp.swapaxes(keys, 2, 3)
@@ -376,7 +389,8 @@ class Decoder(nnx.Module):
         positions [B,T] default to counting real tokens (continuing after the cache's).
         With a cache, the T new tokens are written at `cache.index` and the cache returned.
         hidden_layers: indices i in [0, num_layers] of the residual stream to return, i = the
-        output of the first i layers (0 = embeddings), as transformers' `hidden_states[i]`.
+        output of the first i layers (0 = embeddings), as transformers' `hidden_states[i]` (whose last entry,
+        i = num_layers, is taken after the final norm, so it is here too).
         segment_ids [B,T]: packed rows; tokens attend only within their own segment, and default
         positions restart at 0 in each segment (no cache).
         layer_states: `self.layer_states()`, taken once outside a decoding loop, so that the steps inside it
@@ -389,7 +403,8 @@ class Decoder(nnx.Module):
         )
         hidden_states = None
         if hidden_layers:
-            hidden_states = jnp.stack([per_layer[i] for i in hidden_layers])
+            last = self.config.num_layers
+            hidden_states = jnp.stack([self.final_norm(per_layer[i]) if i == last else per_layer[i] for i in hidden_layers])
         new_cache = None
         if cache is not None:
             t = input_ids.shape[1]
@@ -444,6 +459,8 @@ class Decoder(nnx.Module):
         valid = attention_mask.astype(bool)
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed rows) are for training forwards, not KV-cache decoding")
+        if cache is not None:
+            _check_cache_room(cache, input_ids.shape[1])
         if positions is None and segment_ids is not None:
             positions = _positions_within_segments(segment_ids)
         elif positions is None:
