@@ -7,11 +7,15 @@ similarity to retain examples). The output is JSONL, one `{"prompt", "response",
 per line, which the data pipeline reads as "pairs"; `<out>.meta.json` holds the provenance (model,
 settings, seed, eu_jax version) and the counts.
 
-Reproducible and resumable: batch b samples with seed `config.seed + b`, rows are appended one whole batch
-at a time (flushed and fsynced), and the meta file records the first batch not yet written in full. A
-rerun with the same settings drops whatever follows that batch in the file (a partial line, the rows of a
-batch cut short) and continues from it, so an interrupted run ends with the same file as an
-uninterrupted one. A larger `num_samples` continues an earlier, smaller run the same way.
+Reproducible and resumable: batch b samples with seed `(config.seed + b) mod 2**32`, rows are appended one
+whole batch at a time (flushed and fsynced), and the meta file records the first batch not yet written in
+full. A rerun with the same settings (the retain set compared by content) and the same model (the
+checkpoint's params identity, which changes when a model is imported again in the same folder) drops
+whatever follows that batch in the file (a partial line, the rows of a batch cut short) and continues from
+it, so an interrupted run ends with the same file as an uninterrupted one. A larger `num_samples` continues
+an earlier, smaller run the same way; a smaller one cuts the file to the rows a run of that size keeps (its
+first rows: batches are sampled, filtered and deduplicated in order, so a run of any size keeps the same
+first rows).
 
 Several processes (multi-host) split the batches: process p of P takes the batches b with b % P == p,
 targets ceil(N / P) samples and writes `<out>.part<p>` (with its own meta); after a barrier process 0
@@ -92,6 +96,8 @@ class SelfGenConfig:
             raise SelfGenError(f"user_turns '{self.user_turns}' is not one of {', '.join(USER_TURNS)}")
         if self.user_turns == "seeds" and not self.seed_instructions:
             raise SelfGenError("user_turns 'seeds' needs at least one seed instruction")
+        if not 0 <= self.seed < 2**32:  # checked before `sampling` wraps seed + batch
+            raise SelfGenError(f"seed={self.seed} must be in [0, 2**32 - 1]")
         if self.max_prompt_tokens < 1:
             raise SelfGenError(f"max_prompt_tokens={self.max_prompt_tokens} must be at least 1")
         if not 0 <= self.similarity_threshold <= 1:
@@ -102,15 +108,18 @@ class SelfGenConfig:
             raise SelfGenError(str(err)) from None
 
     def sampling(self, batch: int, max_new_tokens: int | None = None) -> SamplingConfig:
-        return SamplingConfig(
-            max_new_tokens or self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.seed + batch
-        )
+        """Batch `batch`'s sampling, seeded with seed + batch wrapped to the uint32 a seed is traced as."""
+        seed = (self.seed + batch) % 2**32
+        return SamplingConfig(max_new_tokens or self.max_new_tokens, self.temperature, self.top_k, self.top_p, seed)
 
     def settings(self) -> dict[str, Any]:
-        """Everything that decides the samples (num_samples only decides where the run stops)."""
+        """Everything that decides the samples (num_samples only decides where the run stops). The retain set
+        is its content's fingerprint (it reads the data): new content at the same path filters otherwise, and
+        the same content moved elsewhere filters alike."""
         values = dataclasses.asdict(self)
         values.pop("num_samples")
         values.pop("max_batches")
+        values["retain"] = retain_fingerprint(values.pop("retain_path"))
         values["seed_instructions"] = list(self.seed_instructions)
         values["filter_keywords"] = list(self.filter_keywords)
         return values
@@ -217,6 +226,13 @@ def retain_texts(path: str) -> list[str]:
     return texts
 
 
+def retain_fingerprint(path: str | None) -> dict[str, Any] | None:
+    """What identifies a retain set's content (`content_fingerprint`), None without one."""
+    from eu_jax.data.sources import DataSpec, content_fingerprint
+
+    return None if path is None else content_fingerprint(DataSpec(path))
+
+
 def retain_setting(text: str) -> str:
     """The retain set as the run records it: local data by its absolute path (a rerun from another folder
     still resumes), a hub dataset by its name (made absolute, the name would read as a missing local path)."""
@@ -244,8 +260,9 @@ def meta_path(out_path: Path) -> Path:
 
 
 def checkpoint_provenance(ckpt: Path) -> dict[str, str]:
-    """The checkpoint's absolute path, its params' identity (the folder they are read from, a training run's
-    latest step, and the settings it was trained with), and the sha256 of its eu_jax_model.json."""
+    """The checkpoint's absolute path, its params' identity (`params_identity`: the folder they are read from,
+    with the time an import was committed or the identity a run's step was trained with, so weights replaced
+    at the same path are another model), and the sha256 of its eu_jax_model.json."""
     from eu_jax.convert.checkpoint import MODEL_META_FILE, locate_params
     from eu_jax.train.identity import params_identity
 
@@ -356,15 +373,18 @@ def self_generate(
     process_count: int | None = None,
     progress: bool = True,
     after_batch: Callable[[int], None] | None = None,
+    replace_stale: bool = False,
 ) -> SelfGenReport:
     """Sample until `config.num_samples` samples are kept in `out_path`, continuing an earlier run there.
 
     eos_ids: where a turn ends (default: the tokenizer's EOS and the chat template's end of turn; the
     command line adds generation_config.json's). similarity: overrides the default retain filter built
     from `config.retain_path`. model_info: provenance of the model (see `checkpoint_provenance`); a rerun
-    with other settings or another model refuses to touch the file. process_index / process_count:
+    with other settings or another model refuses to touch the file (unless `replace_stale`). process_index / process_count:
     default to JAX's; with several processes, `mesh` must span this process's devices only.
     after_batch: called with each batch index once it is written (tests use it to interrupt a run).
+    replace_stale: an output written with other settings or another model is sampled again instead of
+    refused (a workflow's own file, which its settings decide).
     """
     import jax
 
@@ -385,12 +405,14 @@ def self_generate(
         "model": dict(model_info or {}),
         "eos_ids": eos_ids,
         "settings": config.settings(),
+        "retain_path": config.retain_path,  # provenance only: `settings` has the retain set's content
         "process": {"index": p, "count": n_proc},
         "format": "pairs",
         "columns": ["prompt", "response", "batch", "row"],
     }
-    report, rows, next_batch, batch_counts, cut_batch = _resume(shard, header, config.num_samples)
-    report.resumed_from_batch = next_batch
+    resumed = _resume(shard, header, config.num_samples, target, replace_stale)
+    report, rows, batch_counts = resumed.report, resumed.rows, resumed.batch_counts
+    report.resumed_from_batch = resumed.next_batch
     seen = {normalize(r["response"]) for r in rows}
     keywords = [k.lower() for k in config.filter_keywords if k]
 
@@ -399,15 +421,15 @@ def self_generate(
                     partial_batch_counts=last, counts=report.counts(), complete=report.kept >= target)
         write_json_atomic(meta_path(shard), meta)
 
-    if cut_batch is None:  # a file finished for this target (`_resume`) is left untouched
-        _write_rows(shard, rows)  # drops anything after the last complete batch
-        save_meta(next_batch, None)
+    if not resumed.finished:  # a file finished for this target is left untouched
+        _write_rows(shard, rows)  # drops anything after the last complete batch, or what a smaller target cuts
+        save_meta(resumed.next_batch, resumed.cut_counts)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=target, initial=min(report.kept, target), unit="sample", desc="eu-selfgen",
                disable=not progress)
     start = time.perf_counter()
-    batch = next_batch
+    batch = resumed.next_batch
     with open(shard, "a", encoding="utf-8") as f:
         limit = config.max_batches or 10 * math.ceil(config.num_samples / config.batch_size) + 10
         while report.kept < target and batch < limit:
@@ -472,49 +494,87 @@ def self_generate(
     return report
 
 
-def _resume(
-    shard: Path, header: Mapping[str, Any], num_samples: int
-) -> tuple[SelfGenReport, list[dict], int, list[dict], dict[str, int] | None]:
-    """(counts so far, the rows kept, the first batch to sample, per-batch counts, the cut batch's counts).
+@dataclass
+class _Resumed:
+    """Where a run starts from its output's earlier rows (`_resume`)."""
+
+    report: SelfGenReport  # the counts so far
+    rows: list[dict[str, Any]]  # the rows kept
+    next_batch: int = 0  # the first batch to sample
+    batch_counts: list[dict[str, Any]] = field(default_factory=list)  # the counts of each complete batch
+    cut_counts: dict[str, int] | None = None  # the last batch's, once the rows reach the target (cut to it)
+    finished: bool = False  # the file is already what this target writes: left as it is
+
+
+def _resume(shard: Path, header: Mapping[str, Any], num_samples: int, target: int, replace_stale: bool) -> _Resumed:
+    """The rows and counts of the whole batches written so far, cut to `target` rows where they reach it.
 
     The batch a finished run cut to its target is redone for a larger target; for the same target the
-    file is finished, and its rows (the cut batch's included) are kept as they are, with nothing to sample.
+    file is finished, and its rows (the cut batch's included) are kept as they are, with nothing to sample;
+    for a smaller one its whole batches are cut to it (`_cut_to_target`). A file written with other settings
+    or another model is refused, or with `replace_stale` sampled again from the start.
     """
-    report = SelfGenReport(shard)
     meta_file = meta_path(shard)
     if not meta_file.exists():
         if shard.exists() and shard.stat().st_size > 0:
             raise SelfGenError(f"{shard} exists but has no {meta_file.name}: not an eu-selfgen output; move it away")
-        return report, [], 0, [], None
+        return _Resumed(SelfGenReport(shard), [])
     meta = json.loads(meta_file.read_text())
     for key in ("model", "settings", "process", "eos_ids"):
-        if meta.get(key) != json.loads(json.dumps(header[key])):
-            raise SelfGenError(
-                f"{shard} was written with other {key} ({meta_file.name}); use the same ones to resume, "
-                "or another output path"
-            )
+        saved, current = meta.get(key), json.loads(json.dumps(header[key]))
+        if saved != current:
+            stale = f"{shard} was written with other {key}{_differing_entries(saved, current)} ({meta_file.name})"
+            if not replace_stale:
+                raise SelfGenError(f"{stale}; use the same ones to resume, or another output path")
+            print(f"{stale}: sampling it again", flush=True)
+            return _Resumed(SelfGenReport(shard), [])
     finished = meta.get("complete") and meta.get("num_samples") == num_samples
     if finished and len(rows := _read_rows(shard)) == meta["counts"]["kept"]:
-        for k in _COUNT_KEYS:
-            setattr(report, k, meta["counts"][k])
-        return report, rows, int(meta["next_batch"]), meta["batch_counts"], meta["partial_batch_counts"]
+        report = _summed_report(shard, [meta["counts"]])
+        cut_counts = meta["partial_batch_counts"]
+        return _Resumed(report, rows, int(meta["next_batch"]), meta["batch_counts"], cut_counts, finished=True)
     next_batch = int(meta["next_batch"])
     batch_counts = [c for c in meta.get("batch_counts", []) if c["batch"] < next_batch]
-    for c in batch_counts:
-        for k in _COUNT_KEYS:
-            setattr(report, k, getattr(report, k) + c[k])
     rows = [r for r in _read_rows(shard) if r.get("batch", next_batch) < next_batch]
-    if len(rows) < report.kept:  # rows lost after the meta was written (a file cut short): redo from there
+    if len(rows) < sum(c["kept"] for c in batch_counts):  # rows lost after the meta was written: redo from there
         next_batch = rows[-1]["batch"] if rows else 0
         rows = [r for r in rows if r["batch"] < next_batch]
         batch_counts = [c for c in batch_counts if c["batch"] < next_batch]
-        report = SelfGenReport(shard)
-        for c in batch_counts:
-            for k in _COUNT_KEYS:
-                setattr(report, k, getattr(report, k) + c[k])
+    report = _summed_report(shard, batch_counts)
     if len(rows) != report.kept:
         raise SelfGenError(f"{shard} has {len(rows)} rows before batch {next_batch}, but its meta counts {report.kept}")
-    return report, rows, next_batch, batch_counts, None
+    if report.kept >= target:
+        return _cut_to_target(shard, rows, batch_counts, target)
+    return _Resumed(report, rows, next_batch, batch_counts)
+
+
+def _differing_entries(saved: Any, current: Any) -> str:
+    """': a, b', the keys whose values differ between two dicts ('' for other values): what changed is not
+    always in the arguments (a retain file's content, a model imported again)."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return ""
+    return ": " + ", ".join(sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k)))
+
+
+def _cut_to_target(shard: Path, rows: list[dict], batch_counts: list[dict[str, Any]], target: int) -> _Resumed:
+    """What a run of this smaller target writes: batches are sampled (seed + batch), filtered and deduplicated
+    in order, so it keeps the same first `target` rows, ending in the batch where they reach the target, cut
+    to it (its counts the whole batch's, but for kept), and that batch is the one a larger target redoes."""
+    last, kept_before = 0, 0
+    while kept_before + batch_counts[last]["kept"] < target:
+        kept_before += batch_counts[last]["kept"]
+        last += 1
+    complete = batch_counts[:last]
+    cut = {k: batch_counts[last][k] for k in _COUNT_KEYS} | {"kept": target - kept_before}
+    return _Resumed(_summed_report(shard, [*complete, cut]), rows[:target], batch_counts[last]["batch"], complete, cut)
+
+
+def _summed_report(shard: Path, counts: Sequence[Mapping[str, int]]) -> SelfGenReport:
+    """The report of the batches whose counts these are (what a resumed run starts from)."""
+    report = SelfGenReport(shard)
+    for k in _COUNT_KEYS:
+        setattr(report, k, sum(c[k] for c in counts))
+    return report
 
 
 def merge_shards(
@@ -587,6 +647,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_seed_instructions(path: Path) -> tuple[str, ...]:
+    """The file's non-empty lines, stripped; a file that is not UTF-8 is named (the codec's error is not)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SelfGenError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save the seed "
+                           "instructions as UTF-8") from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
 def run(args: argparse.Namespace) -> SelfGenReport:
     import jax
 
@@ -598,9 +668,7 @@ def run(args: argparse.Namespace) -> SelfGenReport:
 
     initialize_distributed()  # several processes: from JAX_* / SLURM variables or a TPU pod; else a no-op
 
-    seeds: tuple[str, ...] = ()
-    if args.seed_instructions is not None:
-        seeds = tuple(line.strip() for line in args.seed_instructions.read_text().splitlines() if line.strip())
+    seeds = () if args.seed_instructions is None else read_seed_instructions(args.seed_instructions)
     if args.user_turns == "seeds" and args.seed_instructions is None:
         raise SelfGenError("--user-turns seeds needs --seed-instructions FILE")
     config = SelfGenConfig(

@@ -202,7 +202,7 @@ class TofuBench:
         settings = SelfGenConfig(num_samples=s.samples, user_turns="self", max_new_tokens=s.max_new_tokens,
                                  batch_size=s.batch_size, seed=s.seed, retain_path=str(self.files["retain"]))
         self_generate(model.decoder(), model.tokenizer, settings, out, model.mesh, eos_ids=model.eos_ids,
-                      model_info=checkpoint_provenance(target), progress=False)
+                      model_info=checkpoint_provenance(target), progress=False, replace_stale=True)
         return out
 
     def unlearn(self, method: str, target: Path) -> Path:

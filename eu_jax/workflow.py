@@ -110,7 +110,7 @@ def prepare_data(config: ConfigDict, base: Path, work: Path) -> WorkflowData:
     everything = work / "data" / "forget" / "selfgen.jsonl"
     model = EvalModel.load(base, mesh_from_config(config.mesh))
     self_generate(model.decoder(), model.tokenizer, gen, everything, model.mesh, eos_ids=model.eos_ids,
-                  model_info=checkpoint_provenance(base))
+                  model_info=checkpoint_provenance(base), replace_stale=True)
     rows = everything.read_text(encoding="utf-8").splitlines()
     if len(rows) < gen.num_samples:
         raise ValueError(

@@ -1,11 +1,13 @@
 """`eu-selfgen` on a tiny random checkpoint: unique rows with provenance, reproducibility, resuming after
-an interruption (including a line cut mid-way), dedup and filter counts, the "self" user turns, the
-multi-process split and merge, and the command line."""
+an interruption (including a line cut mid-way) or with a smaller or larger target, refusing a re-imported
+model or retain data with other content, dedup and filter counts, the "self" user turns, seeds wrapping at
+2**32, the multi-process split and merge, and the command line."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -110,6 +112,23 @@ def test_a_finished_file_is_kept_as_it_is_for_the_same_target(tiny, reference, t
     assert larger.resumed_from_batch == 2 and rows(out)[:8] == rows(reference.out)[:8] and len(rows(out)) == 12
 
 
+def test_a_smaller_target_cuts_the_file_to_what_a_run_of_that_size_writes(tiny, reference, tmp_path, monkeypatch):
+    fresh = tmp_path / "fresh6.jsonl"
+    run(tiny, fresh, dataclasses.replace(BASE, num_samples=6))
+    out = tmp_path / "cut.jsonl"
+    for path in (out, meta_path(out)):
+        path.write_bytes((reference.out if path == out else meta_path(reference.out)).read_bytes())
+    monkeypatch.setattr("eu_jax.selfgen._Sampler.sample", lambda *args: pytest.fail("the rows were sampled again"))
+    smaller = run(tiny, out, dataclasses.replace(BASE, num_samples=6))
+    assert smaller.kept == 6 and smaller.batches == 0
+    assert out.read_bytes() == fresh.read_bytes()  # the same first rows: sampling is deterministic per batch
+    assert meta_path(out).read_bytes() == meta_path(fresh).read_bytes()  # num_samples 6, counts, the cut batch
+    monkeypatch.undo()
+    larger = run(tiny, out)  # continues from the batch cut to 6, as after a fresh run of 6
+    assert larger.resumed_from_batch == 1 and out.read_bytes() == reference.out.read_bytes()
+    assert meta_path(out).read_bytes() == meta_path(reference.out).read_bytes()
+
+
 def test_resume_after_an_exception_between_batches(tiny, reference, tmp_path):
     out = tmp_path / "killed.jsonl"
 
@@ -132,6 +151,53 @@ def test_resume_refuses_other_settings(tiny, reference, tmp_path):
     meta_path(out).write_bytes(meta_path(reference.out).read_bytes())
     with pytest.raises(SelfGenError, match="other settings"):
         run(tiny, out, dataclasses.replace(BASE, temperature=0.5))
+
+
+def test_a_workflow_samples_again_a_file_written_with_other_settings(tiny, reference, tmp_path, capsys):
+    cooler = dataclasses.replace(BASE, temperature=0.5)
+    fresh = tmp_path / "fresh.jsonl"
+    run(tiny, fresh, cooler)
+    out = tmp_path / "s.jsonl"
+    out.write_bytes(reference.out.read_bytes())
+    meta_path(out).write_bytes(meta_path(reference.out).read_bytes())
+    assert run(tiny, out, cooler, replace_stale=True).resumed_from_batch == 0
+    assert f"{out} was written with other settings: temperature (s.jsonl.meta.json): sampling it again" in capsys.readouterr().out
+    assert out.read_bytes() == fresh.read_bytes() and meta_path(out).read_bytes() == meta_path(fresh).read_bytes()
+
+
+def test_resume_refuses_a_model_imported_again_in_the_same_folder(tiny, tmp_path):
+    """Other weights imported from the same folder into the same folder keep the checkpoint's path and model
+    meta: the params identity (the time the import was committed) tells them apart."""
+    hf, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "m.jsonl"
+    shutil.copytree(tiny.root / "hf", hf)
+    import_checkpoint(hf, ckpt, progress=False)
+    model_meta = (ckpt / "eu_jax_model.json").read_bytes()
+    run(tiny, out, dataclasses.replace(BASE, num_samples=6), model_info=checkpoint_provenance(ckpt))
+    written = out.read_bytes()
+    save_hf_model("llama", hf, seed=1)
+    shutil.rmtree(ckpt)
+    import_checkpoint(hf, ckpt, progress=False)
+    assert (ckpt / "eu_jax_model.json").read_bytes() == model_meta
+    with pytest.raises(SelfGenError, match="other model: params "):
+        run(tiny, out, model_info=checkpoint_provenance(ckpt))
+    assert out.read_bytes() == written
+
+
+def test_retain_set_is_compared_by_content_not_path(tiny, reference, tmp_path):
+    data = rows(reference.out)
+    retain, moved = tmp_path / "retain.jsonl", tmp_path / "moved" / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"text": d["response"]}) + "\n" for d in data[:3]))
+    out = tmp_path / "r.jsonl"
+    config = dataclasses.replace(BASE, num_samples=6, retain_path=str(retain), similarity_threshold=0.99)
+    run(tiny, out, config)
+    moved.parent.mkdir()
+    retain.rename(moved)  # the same content elsewhere: the same filter, so the run resumes
+    resumed = run(tiny, out, dataclasses.replace(config, num_samples=10, retain_path=str(moved)))
+    assert resumed.resumed_from_batch > 0 and resumed.kept == 10
+    assert json.loads(meta_path(out).read_text())["retain_path"] == str(moved)
+    moved.write_text(json.dumps({"text": data[3]["response"]}) + "\n")  # other content at the same path
+    with pytest.raises(SelfGenError, match="other settings: retain "):
+        run(tiny, out, dataclasses.replace(config, num_samples=12, retain_path=str(moved)))
 
 
 def test_keyword_and_similarity_filters_drop_matching_samples(tiny, reference, tmp_path):
@@ -191,6 +257,14 @@ def test_seed_instructions_cycle_over_rows(tiny, tmp_path):
     assert {d["prompt"] for d in data} == {"a?", "b?", "c?"}
 
 
+def test_per_batch_seeds_wrap_at_2_32(tiny, tmp_path):
+    run(tiny, tmp_path / "last.jsonl", dataclasses.replace(BASE, num_samples=6, seed=2**32 - 1))
+    run(tiny, tmp_path / "zero.jsonl", dataclasses.replace(BASE, num_samples=4, seed=0))
+    second_batch = [(d["row"], d["response"]) for d in rows(tmp_path / "last.jsonl") if d["batch"] == 1]
+    assert len(second_batch) == 2  # batch 1 of seed 2**32 - 1 samples with seed 0
+    assert second_batch == [(d["row"], d["response"]) for d in rows(tmp_path / "zero.jsonl")][:2]
+
+
 def test_processes_split_batches_and_process_0_merges(tiny, reference, tmp_path):
     out = tmp_path / "multi.jsonl"
     for p in (1, 0):  # process 0 merges, so it runs last here (a barrier orders them in a real run)
@@ -217,6 +291,23 @@ def test_cli_seeds_mode_needs_a_file(tiny, tmp_path, capsys):
     argv = [str(tiny.ckpt), str(tmp_path / "o.jsonl"), "--num-samples", "3", "--user-turns", "seeds"]
     assert main(argv) == 2
     assert "--seed-instructions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_cli_seed_out_of_range_is_named_as_given(tiny, tmp_path, capsys, seed):
+    assert main([str(tiny.ckpt), str(tmp_path / "o.jsonl"), "--num-samples", "3", "--seed", str(seed)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"eu-selfgen: error: seed={seed} must be in [0, 2**32 - 1]\n"
+
+
+def test_cli_seed_instructions_not_utf8_names_the_file(tiny, tmp_path, capsys):
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_bytes("caf\u00e9?\n".encode("latin-1"))
+    argv = [str(tiny.ckpt), str(tmp_path / "o.jsonl"), "--num-samples", "3", "--user-turns", "seeds",
+            "--seed-instructions", str(seeds)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"eu-selfgen: error: {seeds} is not UTF-8 text")
 
 
 def test_cli_writes_samples(tiny, tmp_path):
