@@ -81,7 +81,7 @@ def test_a_rerun_is_refused_and_editing_the_output_continues_sequentially(run):
 
 def test_the_command_reports_bad_settings_in_one_line(run):
     out = subprocess.run([sys.executable, "-m", "eu_jax.unierase.cli", "--config=configs/unierase.py",
-                          f"--config.checkpoint={run['base']}", f"--config.output={run['root'] / 'bad'}",
-                          "--config.edit.layers=7"], capture_output=True, text=True, timeout=300)
+                          f"--config.checkpoint={run['base']}", f"--config.output={run['root'] / 'bad'}"],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("eu-unierase: error: config.forget.path is required"), out.stderr

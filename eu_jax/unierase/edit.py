@@ -31,7 +31,7 @@ from ml_collections import ConfigDict
 from eu_jax.models.config import ModelConfig
 from eu_jax.models.state import Params, build_decoder
 from eu_jax.parallel.sharding import BATCH_AXES, activation_sharding, batch_sharding, to_global, to_host
-from eu_jax.unierase.requests import EditBatch, EditEncoder, EditRequest
+from eu_jax.unierase.requests import EditBatch, EditEncoder, EditRequest, check_kl_template
 from eu_jax.unierase.tracing import add_at_positions, at_positions, final_logits, run_layers
 
 
@@ -85,13 +85,35 @@ def default_edit_layers(num_layers: int, position: str = "subject") -> list[int]
 
 
 def parse_layers(text: str, num_layers: int, position: str = "subject") -> list[int]:
-    """Comma-separated layer indices, or the default band of `position` for ""."""
+    """Comma-separated layer indices, or the default band of `position` for "" (a message starts with `layers=`)."""
     if not text.strip():
         return default_edit_layers(num_layers, position)
-    layers = sorted({int(part) for part in text.split(",") if part.strip()})
+    try:
+        layers = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"layers={text!r} is not a comma-separated list of layer indices") from None
     if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-        raise ValueError(f"edit layers {text!r}: each must be in [0, {num_layers - 1}] for this {num_layers}-layer model")
+        raise ValueError(f"layers={text!r}: each must be in [0, {num_layers - 1}] for this {num_layers}-layer model")
     return layers
+
+
+def check_edit_config(cfg: ConfigDict, num_layers: int) -> list[int]:
+    """The edit layers, after checking the settings that would otherwise edit nothing without a word (no round,
+    an empty null space), make the solve singular, or fail only once stage 1 has trained the token. Each
+    message starts with its key (`l2=...`), for the caller to prefix with the config's section."""
+    if cfg.position not in LAYER_BANDS:
+        raise ValueError(f"position={cfg.position!r} is not one of {sorted(LAYER_BANDS)}")
+    if cfg.requests_per_round < 0:
+        raise ValueError(f"requests_per_round={cfg.requests_per_round} must be >= 0 (0: all requests in one round)")
+    if not cfg.l2 > 0:
+        raise ValueError(f"l2={cfg.l2} must be > 0: without the ridge term the closed-form solve can be singular")
+    if not 0 <= cfg.nullspace_energy < 1:
+        raise ValueError(f"nullspace_energy={cfg.nullspace_energy} must be in [0, 1): the share of the retained keys' "
+                         "energy an edit may reach (below 0 the null space is empty, at 1 it is every direction)")
+    if cfg.contexts.count > 0 and cfg.contexts.length < 1:
+        raise ValueError(f"contexts.length={cfg.contexts.length} must be >= 1: the tokens of each sampled context prefix")
+    check_kl_template(cfg.kl_template)
+    return parse_layers(cfg.layers, num_layers, cfg.position)
 
 
 @dataclass

@@ -7,11 +7,15 @@
 A checkpoint that already has the token (e.g. an earlier run's OUTPUT/model) skips stage 1, and its
 unierase_edits.npz makes the new edits sequential ones that protect the earlier. Each stage's folder is
 written under a temporary name and renamed when complete, so a rerun after an interruption redoes only
-the unfinished stage.
+the unfinished stage: OUTPUT/token is reused only while what it was trained from (OUTPUT/token/
+unierase_inputs.json: the checkpoint's params, the questions, the refusals, the token and its training
+settings) is the same, and trained again otherwise. Stage 2 keeps nothing between runs but the finished
+OUTPUT/model, which a rerun refuses to replace.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -23,18 +27,25 @@ from ml_collections import ConfigDict
 
 from eu_jax.convert.checkpoint import HF_FILES_DIR, MODEL_META_FILE, load_model_meta, locate_params, save_params_checkpoint
 from eu_jax.data import DataSpec, Encoder, Record, load_records
+from eu_jax.data.cache import digest
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.probes import load_probes
 from eu_jax.files import write_json_atomic
 from eu_jax.parallel.mesh import mesh_from_config
+from eu_jax.train.config import config_to_json
+from eu_jax.train.identity import describe_differences, identity_differences, params_identity
 from eu_jax.unierase.covariance import cached_key_second_moments, checkpoint_fingerprint, null_space_projector
-from eu_jax.unierase.edit import Editor, get_edit_config, load_edit_state, parse_layers, sample_context_prefixes, save_edit_state
+from eu_jax.unierase.edit import Editor, check_edit_config, get_edit_config, load_edit_state, sample_context_prefixes, save_edit_state
 from eu_jax.unierase.requests import EditRequest
 from eu_jax.unierase.idk_bank import load_phrases
 from eu_jax.unierase.token_training import get_token_config, token_records, train_unlearning_token
-from eu_jax.unierase.vocab import add_unlearning_token
+from eu_jax.unierase.vocab import VocabError, add_unlearning_token
 
 RESULTS_FILE = "unierase.json"
+TOKEN_INPUTS_FILE = "unierase_inputs.json"  # in OUTPUT/token: what stage 1 trained it from
+# Token-training settings that decide how fast or where stage 1 runs, not the token it trains (as a training
+# run's identity leaves them out, eu_jax/train/identity.py); the refusal phrases count by content, not by path.
+TOKEN_TRAINING_FREE = ("mesh", "runtime", "chunk_tokens", "log_every", "phrases")
 
 
 def get_unierase_config() -> ConfigDict:
@@ -111,19 +122,58 @@ def _build_atomically(folder: Path, build: Callable[[Path], Any]) -> Any:
 
 
 def _has_token(checkpoint: Path, token: str) -> bool:
+    """Whether the checkpoint's tokenizer has `token` as a special token added to it (by an earlier run's stage 1).
+    A name it has otherwise, as an ordinary entry or as one of its own special tokens (bos, eos, ...), is refused:
+    stage 1 would skip it as already trained, and stage 2 would edit the questions to answer with it."""
     from eu_jax.generate_cli import load_tokenizer
 
-    return token in load_tokenizer(checkpoint).get_vocab()
+    tokenizer = load_tokenizer(checkpoint)
+    token_id = tokenizer.get_vocab().get(token)
+    if token_id is None:
+        return False
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    if added is None or not added.special or token in tokenizer.all_special_tokens:
+        raise VocabError(f"config.token.name={token!r} is already a token of {checkpoint}'s tokenizer (id {token_id}), "
+                         "not an unlearning token added to it; choose another name")
+    return True
+
+
+def token_stage_inputs(config: ConfigDict, questions: list[str], layers: list[int]) -> dict[str, Any]:
+    """What decides stage 1's model: the checkpoint's params, the questions and refusals the token is trained on,
+    the token's name, start and padding, its training settings, and the layers the robust phase adds noise to."""
+    token, training = config.token, config.token.training
+    return {
+        "checkpoint": params_identity(config.checkpoint),
+        "forget": {"content": digest(questions)},
+        "refusals": {"content": digest(load_phrases(training.phrases))},
+        "token": {"name": token.name, "init": token.init, "pad_to_multiple": token.pad_to_multiple},
+        "training": {k: v for k, v in config_to_json(training).items() if k not in TOKEN_TRAINING_FREE},
+        "noised_layers": list(layers) if training.robust.steps else [],
+    }
+
+
+def _inputs_differences(folder: Path, inputs: dict[str, Any]) -> str:
+    """How `inputs` differ from those `folder` was trained from, in one clause ("" when they are the same)."""
+    path = folder / TOKEN_INPUTS_FILE
+    if not path.is_file():
+        return f"no {TOKEN_INPUTS_FILE} says what it was trained from"
+    return describe_differences(identity_differences(json.loads(path.read_text()), inputs))
 
 
 def stage_one(config: ConfigDict, questions: list[str], layers: list[int], out: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint with a trained unlearning token (the input itself when it already has the token)."""
+    """The checkpoint with a trained unlearning token: the input itself when it already has the token, an earlier
+    run's OUT/token when it was trained from the same inputs, else trained now."""
     source, token = Path(config.checkpoint), config.token.name
     if _has_token(source, token):
         return source, {"skipped": f"{source} already has {token}"}
-    folder = out / "token"
+    folder, inputs = out / "token", token_stage_inputs(config, questions, layers)
     if _complete(folder):
-        return folder, {"reused": str(folder)}
+        differences = _inputs_differences(folder, inputs)
+        if not differences:
+            return folder, {"reused": str(folder)}
+        _say(f"{folder} was trained from another checkpoint or settings ({differences}): training the token again")
+        if jax.process_index() == 0:
+            shutil.rmtree(folder)
     start = time.perf_counter()
     training = config.token.training
     training.mesh = config.mesh
@@ -136,6 +186,7 @@ def stage_one(config: ConfigDict, questions: list[str], layers: list[int], out: 
         metrics = train_unlearning_token(grown, partial, questions, token_id, layers, training)
         if jax.process_index() == 0:
             shutil.rmtree(grown, ignore_errors=True)
+            write_json_atomic(partial / TOKEN_INPUTS_FILE, inputs)
         return {"token_id": token_id, "phases": metrics}
 
     summary = _build_atomically(folder, build)
@@ -182,6 +233,18 @@ def stage_two(config: ConfigDict, checkpoint: Path, questions: list[str], layers
     }
 
 
+def check_settings(config: ConfigDict) -> list[int]:
+    """The edit layers, once the settings that would otherwise fail after stage 1's training, or quietly edit
+    nothing, are checked: each refusal is one sentence naming its setting."""
+    if not config.token.name.strip():
+        raise ValueError("config.token.name is empty: name the unlearning token to add (e.g. <unlearn_0>)")
+    num_layers = load_model_meta(Path(config.checkpoint)).config.num_layers
+    try:
+        return check_edit_config(config.edit, num_layers)
+    except ValueError as err:
+        raise ValueError(f"config.edit.{err}") from None
+
+
 def run_unierase(config: ConfigDict) -> Path:
     """Both stages; returns OUTPUT/model. Refuses an output whose edited model already exists."""
     if not config.checkpoint or not config.output:
@@ -189,14 +252,12 @@ def run_unierase(config: ConfigDict) -> Path:
     out = Path(config.output)
     if (out / "model").exists():
         raise FileExistsError(f"{out / 'model'} already exists; choose a new config.output")
+    layers = check_settings(config)
     out.mkdir(parents=True, exist_ok=True)
     questions = forget_questions(config)
-    layers = parse_layers(config.edit.layers, load_model_meta(Path(config.checkpoint)).config.num_layers, config.edit.position)
     token_ckpt, token_summary = stage_one(config, questions, layers, out)
     edit_summary = stage_two(config, token_ckpt, questions, layers, out)
     if jax.process_index() == 0:
-        from eu_jax.train.config import config_to_json
-
         write_json_atomic(out / RESULTS_FILE, {"questions": len(questions), "token": token_summary, "edit": edit_summary,
                                                "config": config_to_json(config)})
     return out / "model"

@@ -11,6 +11,7 @@ keep.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -29,6 +30,17 @@ class EditRequest:
     @property
     def subject_text(self) -> str:
         return self.subject or self.prompt
+
+
+def check_kl_template(template: str) -> None:
+    """Refuse an essence prompt that `template.format(subject)` cannot fill: it needs exactly one plain `{}`
+    (a message starting with `kl_template=`, for the caller to prefix with the config's section)."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # a single '{' or '}'
+        fields = None
+    if fields != [("", "", None)]:
+        raise ValueError(f"kl_template={template!r} must hold exactly one {{}} field, where the subject goes (e.g. '{{}} is a')")
 
 
 @dataclass(frozen=True)

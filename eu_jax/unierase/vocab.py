@@ -140,8 +140,11 @@ def add_unlearning_token(
     if existing is not None:
         raise VocabError(f"token {token!r} is already in the tokenizer of {src_ckpt} (id {existing}); choose another name")
     source_id = init_source_id(tokenizer, init)
-    tokenizer.add_tokens([_special_token(token)], special_tokens=True)
+    old_size = len(tokenizer)
+    added = tokenizer.add_tokens([_special_token(token)], special_tokens=True)
     token_id = tokenizer.convert_tokens_to_ids(token)
+    if added != 1 or token_id < old_size:  # e.g. "": nothing added, and its id is <unk>'s, whose rows would be overwritten
+        raise VocabError(f"the tokenizer of {src_ckpt} does not add {token!r} as a new token of its own; choose another name")
 
     mesh = make_mesh({"fsdp": -1}) if mesh is None else mesh
     old_config = load_model_meta(src_ckpt).config
