@@ -267,6 +267,15 @@ def test_verify_reports_what_transformers_cannot_load(imported_llama, tmp_path, 
     assert f"transformers cannot load {tmp_path / 'hf'}" in one_error_line(capsys, "verify")
 
 
+def test_a_wrongly_typed_config_value_is_one_line_naming_the_file_and_field(hf_dir, tmp_path, capsys):
+    edit_config(hf_dir, hidden_size="64")
+    assert eu_convert(["import", str(hf_dir), str(tmp_path / "ckpt"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"eu-convert import: error: {hf_dir / 'config.json'} is not a valid llama config: ")
+    assert "'hidden_size'" in err[0] and not (tmp_path / "ckpt").exists()
+
+
 def test_import_of_a_config_json_that_leaves_out_defaults(tmp_path):
     """config.json may leave out fields transformers fills in (vocab_size: 32000 for llama)."""
     save_hf_model("llama", tmp_path / "hf", vocab_size=32000)

@@ -158,7 +158,11 @@ def read_hf_config(model_dir: Path) -> dict:
     import transformers
 
     # AutoConfig fills defaults and normalises old keys (rope_scaling -> rope_parameters).
-    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+    except Exception as err:  # e.g. huggingface_hub's field validation of a wrongly typed value
+        reason = " ".join(str(err).split())  # its messages span lines
+        raise ValueError(f"{path} is not a valid {raw['model_type']} config: {reason}") from None
     return config.to_dict()
 
 
