@@ -74,16 +74,17 @@ def run(config) -> int:
     from eu_jax.eval.report import plot_bars, plot_relearning, plot_tradeoff
     from eu_jax.eval.suite import headline
     from eu_jax.files import write_json_atomic
-    from eu_jax.workflow import Evaluator, base_checkpoint, method_config, prepare_data, train_once, workdir
+    from eu_jax.workflow import Evaluator, base_checkpoint, method_config, method_names, prepare_data, train_once, workdir
 
     started = time.monotonic()
+    methods = method_names(config.workflow.methods, config.workflow.presets_dir, "workflow.methods")
     base = base_checkpoint(config)
     work = workdir(config, base)
     data = prepare_data(config, base, work)
     evaluator = Evaluator(config, base, data, work / "results")
     rows, relearned, curves = {"base": headline(evaluator.base_results)}, {}, {}
     w = config.workflow
-    for method in [m.strip() for m in w.methods.split(",") if m.strip()]:
+    for method in methods:
         print(f"\n== {method}: unlearning ({config.train.steps} steps)", flush=True)
         run_config = method_config(config, method, base, data, work)
         checkpoint = train_once(run_config)

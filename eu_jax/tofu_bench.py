@@ -297,6 +297,9 @@ def run(config: ConfigDict) -> int:
     from eu_jax.eval.report import metrics_table
     from eu_jax.eval.tofu import add_forget_quality
 
+    from eu_jax.workflow import method_names
+
+    methods = method_names(config.tofu.methods, config.tofu.presets_dir, "tofu.methods", others=("unierase",))
     bench = TofuBench(config)
     t = bench.t
     target, reference = bench.finetune("target", bench.files["full"]), bench.finetune("retain_reference", bench.files["retain"])
@@ -305,7 +308,7 @@ def run(config: ConfigDict) -> int:
     for name, checkpoint in (("target", target), ("retain_reference", reference)):
         results = add_forget_quality(bench.evaluate(name, checkpoint), reference_results)
         rows[name] = headline(results, bench.clock.get(name), None)
-    for method in [m.strip() for m in t.methods.split(",") if m.strip()]:
+    for method in methods:
         print(f"\n== {method}: unlearning the forget authors from the target", flush=True)
         checkpoint = bench.unlearn(method, target)
         results = add_forget_quality(bench.evaluate(method, checkpoint), reference_results)

@@ -14,7 +14,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ml_collections import ConfigDict
 
@@ -125,6 +125,22 @@ def prepare_data(config: ConfigDict, base: Path, work: Path) -> WorkflowData:
         start += sizes[split]
         paths[split].write_text("".join(line + "\n" for line in chunk), encoding="utf-8")
     return WorkflowData(domain["train"], domain["heldout"], paths)
+
+
+def method_names(methods: str, presets_dir: str, setting: str, others: Sequence[str] = ()) -> list[str]:
+    """The comma-separated `methods`, each checked to have a preset in `presets_dir` (EU is the configs'
+    default; `others` are run otherwise, e.g. UniErase), so that a misspelt name stops the command before
+    any work rather than after the methods before it have trained; errors name `config.<setting>`."""
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if not names:
+        raise ValueError(f"config.{setting} names no method")
+    presets = [path.stem for path in Path(presets_dir).glob("*.py")] if presets_dir else []
+    available = sorted({"eu", *others, *presets})
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(f"config.{setting}: no method {', '.join(map(repr, unknown))} "
+                         f"(the presets in {presets_dir or '(config has no presets_dir)'} give {', '.join(available)})")
+    return names
 
 
 def with_method(config: ConfigDict, method: str, presets_dir: str) -> ConfigDict:

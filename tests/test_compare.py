@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from eu_jax import compare
 from eu_jax.files import load_python_file
 from tests.tiny_run import make_chat_checkpoint
@@ -61,3 +63,18 @@ def test_compare_runs_each_method_and_its_relearning_attack(tmp_path):
     eu_files = {name for name in saved if name.startswith("eu")}
     assert len(eu_files) == 2 and all(rerun[name] != saved[name] for name in eu_files)
     assert all(rerun[name] == saved[name] for name in saved.keys() - eu_files)
+
+
+def test_a_misspelt_method_stops_compare_and_tofu_before_any_work(tmp_path):
+    from eu_jax import tofu_bench
+
+    config = demo_config()
+    config.workflow.update(workdir=str(tmp_path / "work"), methods="eu, npo ,nop")
+    with pytest.raises(ValueError, match=r"^config\.workflow\.methods: no method 'nop' \(the presets in .*configs/methods "
+                                         r"give eu, ga, graddiff, idk_dpo, kl_npo, npo, retain_only, rmu, simnpo, undial\)$"):
+        compare.run(config)
+    tofu = load_python_file(CONFIGS / "tofu.py").get_config("")
+    tofu.tofu.update(workdir=str(tmp_path / "tofu"), methods="unierase,graddif")
+    with pytest.raises(ValueError, match=r"^config\.tofu\.methods: no method 'graddif' .* give eu, ga, graddiff, .*, unierase\)$"):
+        tofu_bench.run(tofu)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "tofu").exists()
