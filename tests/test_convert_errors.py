@@ -276,6 +276,13 @@ def test_a_wrongly_typed_config_value_is_one_line_naming_the_file_and_field(hf_d
     assert "'hidden_size'" in err[0] and not (tmp_path / "ckpt").exists()
 
 
+def test_a_broken_tokenizer_is_named_at_import(hf_dir, tmp_path):
+    (hf_dir / "tokenizer.json").write_text("{bad")
+    with pytest.raises(ValueError, match=rf"^the tokenizer of {hf_dir} \(.*tokenizer\.json.*\) does not load in transformers: "):
+        import_checkpoint(hf_dir, tmp_path / "ckpt", progress=False)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_import_of_a_config_json_that_leaves_out_defaults(tmp_path):
     """config.json may leave out fields transformers fills in (vocab_size: 32000 for llama)."""
     save_hf_model("llama", tmp_path / "hf", vocab_size=32000)

@@ -173,6 +173,21 @@ def _copy_side_files(model_dir: Path, dest: Path) -> None:
             (dest / name).write_bytes((model_dir / name).read_bytes())
 
 
+def _check_tokenizer(copied: Path, model_dir: Path) -> None:
+    """The tokenizer a checkpoint carries must load (generation, evaluation and the workflows read it), so a
+    broken one is named at import, not at its first use; weights without tokenizer files import as they are."""
+    import transformers
+
+    files = sorted(path.name for path in copied.iterdir() if path.name != "generation_config.json")
+    if not files:
+        return
+    try:
+        transformers.AutoTokenizer.from_pretrained(copied)
+    except Exception as err:  # tokenizers' parse errors are plain Exceptions
+        reason = " ".join(str(err).split())
+        raise ValueError(f"the tokenizer of {model_dir} ({', '.join(files)}) does not load in transformers: {reason}") from None
+
+
 def import_checkpoint(
     src: Path,
     out: Path,
@@ -204,6 +219,7 @@ def import_checkpoint(
 
             hf_config = read_hf_config(src)
             _copy_side_files(src, side)
+            _check_tokenizer(side, src)
             opener = lambda: open_hf_weights(src, allow_pickle=allow_pickle)  # noqa: E731
             config_file = src / "config.json"
         config = from_hf_config(hf_config, str(config_file))
