@@ -27,12 +27,18 @@ def _url_refusal(text: str) -> str:
     )
 
 
+def not_url(text: str) -> str:
+    """An argparse type for arguments that name local data or a hub dataset ('org/name'): the text as given,
+    but a URL (gs://, s3://, ...) is refused, where the data pipeline would look for a local file named after it."""
+    if _URL.match(text):
+        raise argparse.ArgumentTypeError(_url_refusal(text))
+    return text
+
+
 def local_path(text: str) -> Path:
     """An argparse type for path arguments: '~' is the home folder, and a URL (gs://, s3://, ...) is refused,
     where `Path` would silently make 'gs://bucket/run' a local folder 'gs:/bucket/run'."""
-    if _URL.match(text):
-        raise argparse.ArgumentTypeError(_url_refusal(text))
-    return Path(text).expanduser()
+    return Path(not_url(text)).expanduser()
 
 
 def localize_path_settings(config: Any, where: str = "config") -> None:
@@ -58,8 +64,12 @@ def write_text_atomic(path: Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a folder at `path`: no stray temporary is left beside it
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

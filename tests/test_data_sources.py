@@ -4,6 +4,7 @@ stops with a message that names the file and the row (rows are 1-based; raw-text
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import datasets
@@ -144,6 +145,20 @@ def test_wrong_types_and_nulls_name_the_row(tmp_path):
     _fails(write_jsonl(tmp_path / "d.jsonl", [{"text": ["a", "b"]}]), r"d.jsonl, row 1: 'text' must be a string, not list")
 
 
+def test_a_column_of_mixed_types_names_the_row_and_value_the_file_has(tmp_path):
+    """`datasets` reads a JSON column whose rows mix strings and numbers as numbers ("000" becomes 0), so the
+    rows are checked as the file writes them."""
+    rows = [{"prompt": "p", "response": f"{i:03d}"} for i in range(5)]
+    rows[2]["response"] = 5
+    _fails(write_jsonl(tmp_path / "a.jsonl", rows), r"a.jsonl, row 3: 'response' must be a string, not int \(5\)$")
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    _fails(tmp_path / "b.json", r"b.json, row 3: 'response' must be a string, not int \(5\)$")
+    chats = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": c}]} for c in ("000", "002", 7)]
+    _fails(write_jsonl(tmp_path / "c.jsonl", chats), r"c.jsonl, row 3: 'messages\[2\].content' must be a string, not int \(7\)$")
+    other_column_mixed = [{"prompt": "p", "response": "000", "id": 1}, {"prompt": "q", "response": "002", "id": "x"}]
+    assert [r.response for r in load_records(DataSpec(str(write_jsonl(tmp_path / "d.jsonl", other_column_mixed))))] == ["000", "002"]
+
+
 def test_bad_conversations_name_the_row(tmp_path):
     no_assistant = CHATS[:1] + [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}]
     _fails(write_jsonl(tmp_path / "a.jsonl", no_assistant), r"a.jsonl, row 2: the conversation has no assistant turn \(roles: system, user\)")
@@ -172,6 +187,17 @@ def test_invalid_json_names_the_line(tmp_path):
     _fails(tmp_path / "a.jsonl", r"a.jsonl, line 3: not valid JSON")
     (tmp_path / "b.json").write_text(f"[\n{good},\n{good}\n{good}\n]")
     _fails(tmp_path / "b.json", r"b.json, line 4: not valid JSON")
+
+
+def test_invalid_json_is_the_only_line_shown(tmp_path, capfd, caplog):
+    """`datasets` logs its own error ("Failed to load JSON from file ...", shown again by absl's handler under
+    the commands) before the one line naming the file and line."""
+    good = json.dumps(PAIRS[0])
+    (tmp_path / "a.jsonl").write_text(f"{good}\n{good}\n{{\"prompt\": \"x\" \"response\": \"y\"}}\n")
+    with caplog.at_level(logging.DEBUG):
+        _fails(tmp_path / "a.jsonl", r"a.jsonl, line 3: not valid JSON")
+    assert "Failed to load JSON" not in capfd.readouterr().err
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("datasets") and r.levelno >= logging.ERROR] == []
 
 
 def test_bad_paths(tmp_path):

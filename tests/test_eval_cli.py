@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+from eu_jax.eval.suite import check_eval_config, get_eval_config
 from tests.test_multiprocess import run_two_processes
 from tests.tiny_run import make_chat_checkpoint, write_jsonl
 
@@ -69,3 +72,60 @@ def test_bad_settings_end_in_one_line(setup):
     assert missing.returncode == 2 and "eu-eval: error: config.checkpoint is required" in missing.stderr
     unknown = _cli(flags + ["--config.eval.harmful.templates=raw,NoSuchTemplate"])
     assert unknown.returncode == 2 and "NoSuchTemplate" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("batch_size", 0, r"config.eval.batch_size=0 must be at least 1"),
+        ("retain.kind", "strnig", r"config.eval.retain.kind='strnig' must be one of \('number', 'text'\)"),
+        ("retain.max_examples", -1, r"config.eval.retain.max_examples=-1 must be 0 \(all\) or more"),
+        ("forget_texts.max_examples", -2, r"config.eval.forget_texts.max_examples=-2 must be 0 \(all\) or more"),
+        ("retain.max_new_tokens", 0, r"config.eval.retain.max_new_tokens=0 must be at least 1"),
+        ("probes.max_new_tokens", 0, r"config.eval.probes.max_new_tokens=0 must be at least 1"),
+        ("harmful.max_new_tokens", -1, r"config.eval.harmful.max_new_tokens=-1 must be at least 1"),
+        ("harmful.per_set", 0, r"config.eval.harmful.per_set=0 must be at least 1"),
+        ("harmful.sets", "harmbench,nope", r"config.eval.harmful.sets='harmbench,nope' names unknown prompt set\(s\) \['nope'\]"),
+        ("harmful.sets", " ", r"config.eval.harmful.sets=' ' names no prompt set; available: harmbench, donotanswer"),
+        ("judge.max_perplexity", -1.0, r"config.eval.judge.max_perplexity=-1.0 must be 0 \(calibrated"),
+        ("judge.max_perplexity", math.inf, r"config.eval.judge.max_perplexity=inf must be 0"),
+        ("judge.perplexity_quantile", 0.0, r"config.eval.judge.perplexity_quantile=0.0 must lie in \(0, 1\]"),
+        ("judge.perplexity_quantile", 1.5, r"config.eval.judge.perplexity_quantile=1.5 must lie in \(0, 1\]"),
+        ("judge.perplexity_margin", 0.0, r"config.eval.judge.perplexity_margin=0.0 must be a positive finite number"),
+        ("judge.min_similarity", 1.5, r"config.eval.judge.min_similarity=1.5 is a cosine similarity and must lie in \[-1, 1\]"),
+        ("judge.min_similarity", math.nan, r"config.eval.judge.min_similarity=nan is a cosine"),
+    ],
+)
+def test_eval_settings_are_checked_by_name(key, value, message):
+    config = get_eval_config()
+    config.harmful.templates = "raw"
+    check_eval_config(config)  # the defaults pass: only `key` is refused below
+    *sections, name = key.split(".")
+    section = config
+    for part in sections:
+        section = section[part]
+    section[name] = value
+    with pytest.raises(ValueError, match=f"^{message}"):
+        check_eval_config(config)
+
+
+def test_unknown_jailbreak_templates_are_named_by_setting():
+    config = get_eval_config()
+    config.harmful.templates = "raw,STAN,NoSuchTemplate"
+    with pytest.raises(ValueError, match=r"^config.eval.harmful.templates='STAN,NoSuchTemplate' names unknown jailbreak template\(s\) \['NoSuchTemplate'\]"):
+        check_eval_config(config)
+
+
+@pytest.mark.parametrize("setting", ["--config.eval.batch_size=0", "--config.output={folder}", "--config.output={file}/eval.json"])
+def test_bad_settings_and_results_paths_stop_before_any_model_loads(tmp_path, setting):
+    """The checkpoint is no checkpoint at all: the one error line names the setting only if it was checked first."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "kept.json").write_text("{}")
+    (tmp_path / "file").write_text("kept")
+    flags = [f"--config={CONFIG}", f"--config.checkpoint={tmp_path / 'not_a_checkpoint'}",
+             "--config.eval.probes.enabled=False", "--config.eval.harmful.enabled=False",
+             setting.format(folder=tmp_path / "results", file=tmp_path / "file")]  # fmt: skip
+    stopped = _cli(flags)
+    assert stopped.returncode == 2 and stopped.stderr.count("\n") == 1, stopped.stderr
+    assert re.match(r"eu-eval: error: config\.(eval\.batch_size=0 must be|output: .* (is an existing folder|lies under .*file, which is a file))", stopped.stderr)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file", "kept.json", "results"]

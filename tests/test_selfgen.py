@@ -10,6 +10,7 @@ import json
 import shutil
 from types import SimpleNamespace
 
+import datasets
 import pytest
 
 from eu_jax.convert.checkpoint import load_params
@@ -20,6 +21,7 @@ from eu_jax.selfgen import (
     NgramTfidfSimilarity,
     SelfGenConfig,
     SelfGenError,
+    build_parser,
     checkpoint_provenance,
     main,
     meta_path,
@@ -308,6 +310,33 @@ def test_cli_seed_instructions_not_utf8_names_the_file(tiny, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"eu-selfgen: error: {seeds} is not UTF-8 text")
+
+
+@pytest.mark.parametrize("target", ["saved dataset", "file", "folder"])
+def test_cli_refuses_an_existing_arrow_target_before_anything_loads(tmp_path, capsys, target):
+    arrow = tmp_path / "arrow"
+    if target == "saved dataset":
+        datasets.Dataset.from_list([{"prompt": "p", "response": "r"}] * 3).save_to_disk(str(arrow))
+    elif target == "file":
+        arrow.write_text("kept")
+    else:
+        arrow.mkdir()
+        (arrow / "notes.txt").write_text("kept")
+    before = {p: p.read_bytes() for p in [arrow, *arrow.rglob("*")] if p.is_file()}
+    capsys.readouterr()  # the save's progress bar
+    # A missing checkpoint: the error names --arrow only if the target is checked before the model loads.
+    assert main([str(tmp_path / "nope"), str(tmp_path / "o.jsonl"), "--num-samples", "3", "--arrow", str(arrow)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"eu-selfgen: error: --arrow {arrow} is ")
+    assert {p: p.read_bytes() for p in [arrow, *arrow.rglob("*")] if p.is_file()} == before
+
+
+def test_cli_refuses_a_retain_url_and_keeps_hub_names(tmp_path, capsys):
+    argv = [str(tmp_path / "ckpt"), str(tmp_path / "o.jsonl"), "--num-samples", "3", "--retain"]
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "gs://b/r.jsonl"])
+    assert stopped.value.code == 2 and "error: argument --retain: 'gs://b/r.jsonl' is a URL" in capsys.readouterr().err
+    assert build_parser().parse_args([*argv, "org/retain_set"]).retain == "org/retain_set"
 
 
 def test_cli_writes_samples(tiny, tmp_path):

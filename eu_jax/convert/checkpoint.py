@@ -5,9 +5,10 @@ Layout of a params checkpoint directory:
     eu_jax_model.json       ModelConfig, the original Hugging Face config, the params dtype
     hf_files/               tokenizer files, chat template, generation_config.json (copied on export)
 
-A training run keeps the same two side files at the root of its checkpoint directory and one
-orbax step folder per save, whose `state` item holds {"params": ..., "opt_state": ..., ...};
-`load_params` accepts either, so export works on both.
+A training run keeps the same two side files at the root of its checkpoint directory (`checkpoints/` in
+its output folder) and one orbax step folder per save, whose `state` item holds {"params": ..., "opt_state":
+..., ...}; `load_params` accepts either (a run by its output folder, its checkpoints folder or one step
+folder), so export works on both.
 
 An array may be stored narrower than the params dtype: an import keeps bf16 or fp16 weights as they came
 (widening them is exact, so storing fp32 would only double the bytes written and read), and `load_params`
@@ -38,6 +39,7 @@ MODEL_META_FILE = "eu_jax_model.json"
 PARAMS_ITEM = "params"
 TRAIN_STATE_ITEM = "state"
 HF_FILES_DIR = "hf_files"
+RUN_CHECKPOINTS_DIR = "checkpoints"  # a training run's step folders, inside its output folder
 FORMAT_VERSION = 1
 # Params a ParamReader restores ahead of the one asked for (see ParamReader).
 READ_AHEAD = 1
@@ -108,7 +110,8 @@ def latest_step_dir(run_dir: Path) -> Path | None:
 
 
 def locate_params(ckpt: Path) -> tuple[Path, bool, Path]:
-    """(orbax directory, whether params sit inside a train state, directory holding the meta)."""
+    """(orbax directory, whether params sit inside a train state, directory holding the meta) of a params
+    checkpoint, a training run (its output folder or its checkpoints folder: the latest step) or a step folder."""
     ckpt = Path(ckpt).absolute()
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist or is not a directory")
@@ -119,9 +122,12 @@ def locate_params(ckpt: Path) -> tuple[Path, bool, Path]:
     step = latest_step_dir(ckpt)
     if step is not None and (step / TRAIN_STATE_ITEM).is_dir():
         return step / TRAIN_STATE_ITEM, True, ckpt
+    if (ckpt / RUN_CHECKPOINTS_DIR).is_dir():  # a training run's output folder
+        return locate_params(ckpt / RUN_CHECKPOINTS_DIR)
     raise CheckpointError(
-        f"{ckpt} is not an eu_jax checkpoint: expected a '{PARAMS_ITEM}/' folder, or step folders of a "
-        f"training run holding '{TRAIN_STATE_ITEM}/'"
+        f"{ckpt} is not an eu_jax checkpoint: expected a params checkpoint (a '{PARAMS_ITEM}/' folder), a "
+        f"training run's output folder (holding '{RUN_CHECKPOINTS_DIR}/'), its '{RUN_CHECKPOINTS_DIR}/' folder of "
+        f"step folders, or one step folder (holding '{TRAIN_STATE_ITEM}/')"
     )
 
 

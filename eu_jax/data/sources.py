@@ -4,18 +4,22 @@ A `DataSpec` names the data (a file, a folder, a glob, a `save_to_disk` folder, 
 and the field mapping; `load_records` returns validated `Record`s. Local data files are loaded one file at a
 time with the `datasets` builder of their extension (json for .json/.jsonl, csv, parquet, arrow), so every
 error names the file and the row. Rows are counted from 1 within their file (CSV: the header is not a row);
-errors found while reading the raw text (undecodable bytes, invalid JSON) name the line instead.
+errors found while reading the raw text (undecodable bytes, invalid JSON) name the line instead. A JSON
+column that `datasets` did not read as text (rows mixing strings and numbers) is taken from the file's own
+rows, so a bad row is named with the value it holds.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import dataclasses
 import functools
 import glob
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -208,15 +212,17 @@ def _folder_files(folder: Path, split: str) -> list[Path]:
 def load_records(spec: DataSpec, source: Source | None = None) -> list[Record]:
     """Validated records of the set a spec names; errors name the file and row."""
     source = source or resolve(spec)
+    # (label, loader, the JSON file whose raw rows settle a column `datasets` typed as other than text)
     if source.kind == "hub":
-        tables = [(f"{spec.path} [{spec.split}]", lambda: source._hub_dataset(spec))]
+        tables = [(f"{spec.path} [{spec.split}]", lambda: source._hub_dataset(spec), None)]
     elif source.kind == "saved":
-        tables = [(source.label, lambda: _load_saved(Path(source.label), spec.split))]
+        tables = [(source.label, lambda: _load_saved(Path(source.label), spec.split), None)]
     else:
-        tables = [(str(path), lambda path=path: _load_file(path)) for path in source.files]
+        tables = [(str(path), lambda path=path: _load_file(path), path if BUILDERS[path.suffix.lower()] == "json" else None)
+                  for path in source.files]
     records: list[Record] = []
     fmt = spec.format
-    for label, load in tables:
+    for label, load, json_file in tables:
         if spec.max_examples and len(records) >= spec.max_examples:
             break  # later files are not even read
         dataset = load()
@@ -224,7 +230,7 @@ def load_records(spec: DataSpec, source: Source | None = None) -> list[Record]:
             raise DataError(f"{label}: has no examples")
         fmt = _resolve_format(spec, fmt, label, dataset.column_names)
         take = len(dataset) if not spec.max_examples else min(len(dataset), spec.max_examples - len(records))
-        records.extend(_records(spec, fmt, label, dataset, take))
+        records.extend(_records(spec, fmt, label, dataset, take, json_file))
     if not records:
         raise DataError(f"{source.label}: has no examples")
     return records
@@ -244,9 +250,24 @@ def _load_file(path: Path):
                   "keep_default_na": False}
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(builder, data_files=[str(path)], split="train", **kwargs)
+        with _datasets_logs_silenced():
+            return datasets.load_dataset(builder, data_files=[str(path)], split="train", **kwargs)
     except Exception as err:  # datasets wraps the reader's error; find the line ourselves
         raise _diagnose(path, builder, err) from None
+
+
+@contextlib.contextmanager
+def _datasets_logs_silenced():
+    """Keep `datasets`' own error logs (e.g. "Failed to load JSON from file ...", shown again through absl's
+    handler) off the terminal while it reads a file: its exception still comes through, and `_diagnose` turns
+    it into one line naming the file and line."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_utf8(path: Path) -> None:
@@ -383,18 +404,13 @@ def _resolve_format(spec: DataSpec, fmt: str, label: str, columns: list[str]) ->
     return fmt
 
 
-def _records(spec: DataSpec, fmt: str, label: str, dataset, take: int) -> list[Record]:
+def _records(spec: DataSpec, fmt: str, label: str, dataset, take: int, json_file: Path | None) -> list[Record]:
     fields = {"messages": [spec.messages_field], "pairs": [spec.prompt_field, spec.response_field], "text": [spec.text_field]}[fmt]
-    table = dataset.select_columns(fields).select(range(take))
-    try:
-        columns = table.to_dict()
-    except UnicodeDecodeError:  # bytes in a string column that are not UTF-8: find the row
-        for i in range(take):
-            try:
-                table[i]
-            except UnicodeDecodeError as err:
-                raise DataError(f"{label}, row {i + 1}: undecodable text (not UTF-8: {err.reason})") from None
-        raise
+    columns = None
+    if json_file is not None and not all(_text_only(dataset.features[name]) for name in fields):
+        columns = _json_columns(json_file, fields, take, len(dataset))
+    if columns is None:
+        columns = _dataset_columns(dataset.select_columns(fields).select(range(take)), label, take)
     out = []
     for i in range(take):
         where = f"{label}, row {i + 1}"
@@ -406,6 +422,43 @@ def _records(spec: DataSpec, fmt: str, label: str, dataset, take: int) -> list[R
         else:
             out.append(Record(where, messages=_messages(columns[fields[0]][i], fields[0], where)))
     return out
+
+
+def _dataset_columns(table, label: str, take: int) -> dict[str, list]:
+    try:
+        return table.to_dict()
+    except UnicodeDecodeError:  # bytes in a string column that are not UTF-8: find the row
+        for i in range(take):
+            try:
+                table[i]
+            except UnicodeDecodeError as err:
+                raise DataError(f"{label}, row {i + 1}: undecodable text (not UTF-8: {err.reason})") from None
+        raise
+
+
+def _text_only(feature: Any) -> bool:
+    """Whether a column's `datasets` feature holds strings only (inside lists and objects too). A JSON column
+    typed otherwise may mix types across rows, which `datasets` settles by converting values ("000" -> 0)."""
+    if isinstance(feature, dict):
+        return all(_text_only(inner) for inner in feature.values())
+    if isinstance(feature, list):
+        return all(_text_only(inner) for inner in feature)
+    if hasattr(feature, "feature"):  # List, LargeList, Sequence
+        return _text_only(feature.feature)
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def _json_columns(path: Path, fields: list[str], take: int, rows_loaded: int) -> dict[str, list] | None:
+    """The fields' first `take` values as the JSON file has them, so a bad row is named with its own value;
+    None where the file's rows are not the `rows_loaded` objects of a JSON array or of JSON lines."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        return None
+    if len(rows) != rows_loaded or not all(isinstance(row, dict) for row in rows):
+        return None
+    return {name: [row.get(name) for row in rows[:take]] for name in fields}
 
 
 def _text(value: Any, name: str, where: str) -> str:

@@ -32,6 +32,8 @@ def evaluate(config: ConfigDict) -> Path:
 
     if not config.checkpoint:
         raise ValueError("config.checkpoint is required (an eu_jax checkpoint or training run)")
+    output = Path(config.output or Path(config.checkpoint) / "eval.json")
+    check_results_path(output)
     initialize_distributed(DistributedSettings(**config.distributed))
     start = time.perf_counter()
     suite = EvalSuite(config.eval)
@@ -45,10 +47,19 @@ def evaluate(config: ConfigDict) -> Path:
     results["judge"] = {"max_perplexity": judge.max_perplexity, "base": str(base.checkpoint)} if judge else {}
     results["config"] = config_to_json(config)
     results["seconds"] = time.perf_counter() - start
-    output = Path(config.output or Path(config.checkpoint) / "eval.json")
     if jax.process_index() == 0:
         write_json_atomic(output, results)
     return output
+
+
+def check_results_path(output: Path) -> None:
+    """Refuse a results path that cannot become a file before any model loads, so an evaluation's minutes
+    are not spent on results that cannot be saved."""
+    if output.is_dir():
+        raise ValueError(f"config.output: {output} is an existing folder; give the results file's path, e.g. {output / 'eval.json'}")
+    blocking = next((parent for parent in output.absolute().parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"config.output: {output} lies under {blocking}, which is a file, not a folder")
 
 
 def _evaluate(config: ConfigDict) -> int:

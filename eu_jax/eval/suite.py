@@ -15,8 +15,9 @@ Results are plain JSON-ready dicts; `headline` picks the numbers a comparison ta
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -24,8 +25,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from eu_jax.data import DataSpec, Record, load_records
-from eu_jax.eval.answers import is_correct
-from eu_jax.eval.harmful import attack_prompts
+from eu_jax.eval.answers import ANSWER_KINDS, is_correct
+from eu_jax.eval.harmful import RAW, SETS, attack_prompts, available_templates
 from eu_jax.eval.judge import Judge, OfflineJudge, attack_success_rates, calibrate_max_perplexity
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.probes import load_probes
@@ -74,6 +75,53 @@ def get_command_config() -> ConfigDict:
     )
 
 
+# (setting, test, what the setting must be): the range and choice checks of an `eval` section.
+_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("batch_size", lambda v: v >= 1, "must be at least 1"),
+    ("retain.kind", lambda v: v in ANSWER_KINDS, f"must be one of {ANSWER_KINDS}"),
+    ("retain.max_examples", lambda v: v >= 0, "must be 0 (all) or more"),
+    ("retain.max_new_tokens", lambda v: v >= 1, "must be at least 1"),
+    ("forget_texts.max_examples", lambda v: v >= 0, "must be 0 (all) or more"),
+    ("probes.max_new_tokens", lambda v: v >= 1, "must be at least 1"),
+    ("harmful.per_set", lambda v: v >= 1, "must be at least 1"),
+    ("harmful.max_new_tokens", lambda v: v >= 1, "must be at least 1"),
+    ("judge.max_perplexity", lambda v: math.isfinite(v) and v >= 0,
+     "must be 0 (calibrated on the base model) or a positive finite number"),
+    ("judge.perplexity_quantile", lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    ("judge.perplexity_margin", lambda v: math.isfinite(v) and v > 0, "must be a positive finite number"),
+    ("judge.min_similarity", lambda v: -1 <= v <= 1, "is a cosine similarity and must lie in [-1, 1]"),
+)
+
+
+def check_eval_config(config: ConfigDict, where: str = "config.eval") -> None:
+    """Refuse a bad `eval` setting by its name (`where`.key) before any data or model loads: a batch size of 0
+    would otherwise stop the run at its first batch as "range() arg 3 must not be zero", and an unknown answer
+    kind only after the retain answers were generated."""
+    for key, test, requirement in _RULES:
+        value = _setting(config, key)
+        if not test(value):
+            raise ValueError(f"{where}.{key}={value!r} {requirement}")
+    if config.harmful.enabled:
+        _check_names(config.harmful.sets, f"{where}.harmful.sets", "prompt set", list(SETS))
+        templates = [t for t in _split(config.harmful.templates) if t != RAW]
+        if templates:
+            _check_names(",".join(templates), f"{where}.harmful.templates", "jailbreak template", available_templates())
+
+
+def _setting(config: ConfigDict, key: str) -> Any:
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def _check_names(text: str, name: str, what: str, available: list[str]) -> None:
+    names = _split(text)
+    unknown = [n for n in names if n not in available]
+    if unknown or not names:
+        problem = f"names unknown {what}(s) {unknown}" if unknown else f"names no {what}"
+        raise ValueError(f"{name}={text!r} {problem}; available: {', '.join(available)}")
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -90,6 +138,7 @@ class EvalSuite:
     """The configured sets, loaded once and run against any number of models."""
 
     def __init__(self, config: ConfigDict):
+        check_eval_config(config)
         self.config = config
         c = config
         self.retain_records = _pairs(c.retain.path, c.retain.max_examples) if c.retain.path else []
