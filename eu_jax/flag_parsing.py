@@ -4,17 +4,63 @@ an ml_collections `--config`, where bad settings and expected failures end in on
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from absl import app, flags, logging
 
 from eu_jax.files import localize_path_settings
 
+# How ml_collections starts the message of get_config's TypeError/ValueError, which it re-raises with the
+# traceback as text: the exception raised in the file is the one it wraps.
+_TRACEBACK_AS_TEXT = "Error whilst parsing config file"
 
-def one_line_errors(program: str) -> Callable[[list[str]], list[str]]:
-    """A `flags_parser` for `absl.app.run` that reports flag errors as `program: error: ...`, exit 2."""
+
+class ConfigFileError(flags.Error):
+    """A config file that gives no config: missing, a syntax error, no get_config, or get_config failing."""
+
+
+class _OneLineConfigFileParser(flags.ArgumentParser):
+    """The config flag's own parser, with every failure of the file as one `ConfigFileError('<file>: <reason>')`:
+    ml_collections lets a syntax error escape, wraps get_config's errors with their traceback, and defers a
+    missing file's error to the config's first use."""
+
+    def __init__(self, parser: flags.ArgumentParser):
+        self._parser = parser
+
+    def parse(self, argument: str) -> Any:
+        path = argument.split(":", 1)[0]  # the text after ':' goes to get_config
+        if not Path(path).is_file():
+            raise ConfigFileError(f"{path}: no such file")
+        try:
+            return self._parser.parse(argument)
+        except Exception as err:  # whatever the file's own code raises
+            raise ConfigFileError(f"{path}: {_one_line_reason(err, path)}") from None
+
+    def flag_type(self) -> str:
+        return self._parser.flag_type()
+
+
+def _one_line_reason(err: BaseException, path: str) -> str:
+    """The message of the exception the config file raised, on one line (a syntax error's with its line)."""
+    if isinstance(err, SyntaxError):
+        elsewhere = Path(err.filename or path).resolve() != Path(path).resolve()  # in a file the config imports
+        return f"{err.filename + ', ' if elsewhere else ''}line {err.lineno}: {err.msg}"
+    if isinstance(err, AttributeError) and err.name == "get_config":
+        return "defines no get_config() function"
+    if str(err).startswith(_TRACEBACK_AS_TEXT) and err.__context__ is not None:
+        return _one_line_reason(err.__context__, path)
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def one_line_errors(program: str, config_flag: Any) -> Callable[[list[str]], list[str]]:
+    """A `flags_parser` for `absl.app.run` that reports flag errors, and the errors of the file `config_flag`
+    (a DEFINE_config_file holder) loads, as `program: error: ...`, exit 2."""
 
     def parse(argv: list[str]) -> list[str]:
+        flag = flags.FLAGS[config_flag.name]
+        if not isinstance(flag.parser, _OneLineConfigFileParser):
+            flag.parser = _OneLineConfigFileParser(flag.parser)
         try:
             return flags.FLAGS(argv)
         except AttributeError as err:  # ml_collections: the key does not exist; its message is a repr
@@ -51,4 +97,4 @@ def run_config_command(
             print(f"{program}: error: {err}", file=sys.stderr)
             return 2
 
-    app.run(run, flags_parser=one_line_errors(program))
+    app.run(run, flags_parser=one_line_errors(program, config_flag))

@@ -150,6 +150,23 @@ def test_train_config_fixture_is_valid(train_config):
         ({"mesh.dcn_fsdp": 0}, r"config\.mesh\.dcn_fsdp: must be a positive number of slices, not 0"),
         ({"mesh.dcn_data": -1}, r"config\.mesh\.dcn_data: must be a positive number of slices, not -1"),
         ({"mesh.data": -1}, r"config\.mesh\.fsdp: only one of mesh\.data, mesh\.fsdp may be -1"),
+        ({"data.batch_size": 0}, r"config\.data\.batch_size: must be at least 1, not 0"),
+        ({"data.max_length": 100000}, r"config\.data\.max_length: 100000 tokens exceed the model's max_position_embeddings \(2048\)"),
+        ({"objective.chunk_tokens": 0}, r"config\.objective\.chunk_tokens: must be at least 1, not 0"),
+        ({"objective.g": float("nan")}, r"config\.objective\.g: must be a finite weight, not nan"),
+        ({"objective.a": float("inf")}, r"config\.objective\.a: must be a finite weight, not inf"),
+        ({"optimizer.learning_rate": float("inf")}, r"config\.optimizer\.learning_rate: must be positive and finite, not inf"),
+        ({"optimizer.b1": 1.5}, r"config\.optimizer\.b1: must be within \[0, 1\) .*not 1\.5"),
+        ({"optimizer.b2": 1.0}, r"config\.optimizer\.b2: must be within \[0, 1\) .*not 1\.0"),
+        ({"optimizer.b1": -0.1}, r"config\.optimizer\.b1: must be within \[0, 1\)"),
+        ({"optimizer.eps": -1.0}, r"config\.optimizer\.eps: must be positive and finite, not -1\.0"),
+        ({"optimizer.eps": 0.0}, r"config\.optimizer\.eps: must be positive and finite, not 0\.0"),
+        ({"optimizer.weight_decay": -0.01}, r"config\.optimizer\.weight_decay: must be 0 \(off\) or positive"),
+        ({"optimizer.grad_clip_norm": -1.0}, r"config\.optimizer\.grad_clip_norm: must be positive, not -1\.0"),
+        ({"optimizer.grad_clip_norm": 0.0}, r"config\.optimizer\.grad_clip_norm: must be positive, not 0\.0"),
+        ({"optimizer.end_lr_ratio": -3.0}, r"config\.optimizer\.end_lr_ratio: must be within \[0, 1\] .*not -3\.0"),
+        ({"optimizer.end_lr_ratio": 1.5}, r"config\.optimizer\.end_lr_ratio: must be within \[0, 1\] .*not 1\.5"),
+        ({"optimizer.warmup_steps": -1}, r"config\.optimizer\.warmup_steps: must be within \[0, train\.steps\]"),
     ],
 )
 def test_bad_train_values_are_refused_naming_the_key(train_config, changes, message):
@@ -160,6 +177,66 @@ def test_bad_train_values_are_refused_naming_the_key(train_config, changes, mess
         train_config[section][name] = value
     with pytest.raises(ConfigError, match=message):
         validate(train_config)
+
+
+def test_optimizer_and_objective_bounds_are_accepted(train_config):
+    from eu_jax.train.config import validate
+
+    train_config.optimizer.update(b1=0.0, weight_decay=0.0, end_lr_ratio=0.0)
+    train_config.data.max_length = 2048  # the model's max_position_embeddings
+    validate(train_config)
+    train_config.optimizer.end_lr_ratio = 1.0
+    validate(train_config)
+
+
+def test_a_non_finite_term_argument_is_refused(train_config):
+    from eu_jax.train.config import ConfigError, validate
+
+    train_config.objective.update(forget="npo", forget_kwargs={"beta": float("nan")})
+    with pytest.raises(ConfigError, match=r"^config\.objective\.forget_kwargs\.beta: must be finite, not nan$"):
+        validate(train_config)
+
+
+@pytest.mark.parametrize("below", ["", "sub/run"], ids=["the file", "a folder under it"])
+def test_an_output_dir_that_is_a_file_is_refused(train_config, tmp_path, below):
+    from eu_jax.train.config import ConfigError, validate
+
+    train_config.train.output_dir = str(tmp_path / "retain.jsonl" / below)
+    with pytest.raises(ConfigError, match=rf"^config\.train\.output_dir: '{tmp_path / 'retain.jsonl'}' is not a folder$"):
+        validate(train_config)
+
+
+@pytest.mark.parametrize(
+    "section, key, message",
+    [
+        ("train", "stepz", r"^config\.train\.stepz: unknown key; did you mean 'steps'\?$"),
+        ("data.retain", "pathh", r"^config\.data\.retain\.pathh: unknown key; did you mean 'path'\?$"),
+        ("", "trian", r"^config\.trian: unknown key; did you mean 'train'\?$"),
+        ("optimizer", "zzz", r"^config\.optimizer\.zzz: unknown key; known keys here: b1, b2, end_lr_ratio, eps, "),
+    ],
+)
+def test_unknown_keys_set_in_a_config_file_are_refused(train_config, section, key, message):
+    """ConfigDict refuses unknown keys only on the command line; a config file can add any."""
+    from eu_jax.train.config import ConfigError, validate
+
+    target = train_config
+    for name in filter(None, section.split(".")):
+        target = target[name]
+    target[key] = 3
+    with pytest.raises(ConfigError, match=message):
+        validate(train_config)
+
+
+def test_term_arguments_and_command_sections_are_not_unknown_keys(train_config):
+    """A term's kwargs are its own (checked by the term), and the workflow commands add their own section."""
+    from ml_collections import ConfigDict
+
+    from eu_jax.train.config import validate
+
+    train_config.objective.update(forget="npo", forget_kwargs={"beta": 0.2})
+    train_config.workflow = ConfigDict({"methods": "eu,npo"})
+    train_config.tofu = ConfigDict({"methods": "eu"})
+    validate(train_config)
 
 
 def test_keep_best_and_early_stopping_with_evaluations_are_accepted(train_config):

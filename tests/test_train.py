@@ -321,8 +321,9 @@ def test_keep_best_and_early_stopping_survive_preemption_and_kill(tiny, tmp_path
 
 
 def test_nan_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tiny, tmp_path):
-    """KL-retain against a reference that goes bad between two sessions of the run (its params replaced in its
-    folder, so the run's identity is unchanged): the resumed run stops at its first step, keeping step 2."""
+    """KL-retain against a reference that goes bad between two sessions of the run (its arrays replaced in its
+    folder, orbax's commit record kept, so the run's identity is unchanged): the resumed run stops at its first
+    step, keeping step 2."""
     reference = tmp_path / "ref"
     shutil.copytree(tiny["ckpt"], reference)
     config = tiny_config(tiny, tmp_path / "run", train={"steps": 2}, model={"reference_checkpoint": str(reference)},
@@ -331,9 +332,11 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tiny, tmp_
     good = final_params(tmp_path / "run")
     poisoned = jax.tree.map(np.asarray, load_params(tiny["ckpt"])[0])
     poisoned["final_norm"]["scale"] = poisoned["final_norm"]["scale"] * np.nan
+    committed = (reference / "params" / "_CHECKPOINT_METADATA").read_bytes()
     shutil.rmtree(reference / "params")
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(reference / "params", poisoned)
+    (reference / "params" / "_CHECKPOINT_METADATA").write_bytes(committed)
     config.train.steps = 4
     with pytest.raises(TrainingDiverged, match=r"not finite at step 3 \(.*retain/kl_ref=nan.*the last checkpoint \(step 2\) is kept"):
         train(config)
@@ -381,6 +384,32 @@ def test_cli_rejects_bad_overrides_in_one_line(override, message):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("eu-train: error: ") and message in result.stderr
+
+
+def test_cli_reports_an_os_error_of_the_run_in_one_line():
+    """A folder the run may not write (here a stand-in for training) ends in one line, not a traceback."""
+    refuse_to_train = (
+        "from eu_jax.train import cli, loop\n"
+        "def refuse(config):\n"
+        "    raise PermissionError(13, 'Permission denied', config.train.output_dir)\n"
+        "loop.train = refuse\n"
+        "cli.main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", refuse_to_train, "--config=configs/base.py", "--config.train.output_dir=/denied"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "eu-train: error: [Errno 13] Permission denied: '/denied'"
+
+
+def test_a_run_without_best_metric_makes_no_best_folder(tiny, tmp_path):
+    """best/ would hold the metadata but no params, and `eu-convert export` would refuse it as no checkpoint."""
+    train(tiny_config(tiny, tmp_path / "run", train={"steps": 1}))
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+    assert not (tmp_path / "run" / "best").exists()
 
 
 def test_keep_best_early_stopping_keep_n_tensorboard_and_export(tiny, tmp_path):

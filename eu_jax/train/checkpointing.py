@@ -6,7 +6,7 @@ Layout under the run's output directory:
     checkpoints/<step>/identity/ what the run trains (`identity.run_identity`), checked before a resume
     checkpoints/<step>/progress/ the keep-best and early-stopping state at that step, restored with it
     checkpoints/eu_jax_model.json, checkpoints/hf_files/   what `eu-convert export` needs
-    best/<step>/state/           params only, of the best evaluation so far
+    best/<step>/state/           params only, of the best evaluation so far (only with train.best_metric)
 Both folders export directly: `eu-convert export OUTPUT/checkpoints hf_out`.
 """
 
@@ -88,21 +88,29 @@ def saved_identity(step_dir: Path) -> dict[str, Any] | None:
 class RunCheckpoints:
     """The checkpoints of one training run."""
 
-    def __init__(self, output_dir: Path, meta: ModelMeta, hf_files: Path | None, keep: int, use_async: bool):
+    def __init__(
+        self, output_dir: Path, meta: ModelMeta, hf_files: Path | None, keep: int, use_async: bool, keep_best: bool
+    ):
+        """`keep_best` (train.best_metric set) makes best/: without it the folder would hold no params, and
+        `eu-convert export` would refuse it as no checkpoint."""
         self.directory = Path(output_dir).absolute() / "checkpoints"
         self.unrestorable: set[int] = set()  # steps restore_latest skipped as damaged
         self.best_directory = Path(output_dir).absolute() / "best"
-        for directory in (self.directory, self.best_directory):
-            _write_side_files(directory, meta, hf_files)
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            item_names=(STATE_ITEM, *JSON_ITEMS),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async, create=True),
+        self.manager = self._manager(self.directory, meta, hf_files, (STATE_ITEM, *JSON_ITEMS), keep, use_async)
+        self.best: ocp.CheckpointManager | None = (
+            self._manager(self.best_directory, meta, hf_files, (STATE_ITEM,), 1, use_async) if keep_best else None
         )
-        self.best = ocp.CheckpointManager(
-            self.best_directory,
-            item_names=(STATE_ITEM,),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=use_async, create=True),
+
+    @staticmethod
+    def _manager(
+        directory: Path, meta: ModelMeta, hf_files: Path | None, items: tuple[str, ...], keep: int, use_async: bool
+    ) -> ocp.CheckpointManager:
+        """The orbax manager of one exportable folder, its side files written first."""
+        _write_side_files(directory, meta, hf_files)
+        return ocp.CheckpointManager(
+            directory,
+            item_names=items,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async, create=True),
         )
 
     def save(self, step: int, state: TrainState, json_items: dict[str, dict[str, Any]]) -> None:
@@ -154,6 +162,6 @@ class RunCheckpoints:
         return self.manager.reached_preemption(step)
 
     def close(self) -> None:
-        for manager in (self.manager, self.best):
+        for manager in filter(None, (self.manager, self.best)):
             manager.wait_until_finished()
             manager.close()

@@ -25,7 +25,7 @@ def main() -> None:
     from eu_jax.train.config import ConfigError
     from eu_jax.train.loop import TrainingDiverged
 
-    run_config_command("eu-train", _CONFIG, _train, (ConfigError, TrainingDiverged, FileNotFoundError, ValueError))
+    run_config_command("eu-train", _CONFIG, _train, (ConfigError, TrainingDiverged, OSError, ValueError))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ types on assignment; `validate` checks the values (names, ranges, paths) before 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +64,7 @@ def get_default_config() -> ConfigDict:
             "forget_kwargs": ConfigDict(),
             "a": 1.0,
             "g": 1.0,
-            "chunk_tokens": 1024,  # tokens per chunk of full-vocabulary logits in the loss
+            "chunk_tokens": 1024,  # tokens per chunk of full-vocabulary logits in the loss (at least 1)
         }
     )
     config.optimizer = ConfigDict(
@@ -69,12 +72,12 @@ def get_default_config() -> ConfigDict:
             "learning_rate": 1e-5,
             "schedule": "cosine",
             "warmup_steps": 0,
-            "end_lr_ratio": 0.1,
+            "end_lr_ratio": 0.1,  # in [0, 1]: the learning rate the cosine/linear decay ends at, times the peak
             "weight_decay": 0.01,  # as TOFU, NPO and SimNPO
-            "b1": 0.9,
+            "b1": 0.9,  # b1, b2 in [0, 1)
             "b2": 0.999,
             "eps": 1e-8,
-            "grad_clip_norm": 1.0,
+            "grad_clip_norm": 1.0,  # the global gradient norm to clip to: positive (0 would zero every update)
         }
     )
     config.data = ConfigDict(
@@ -132,8 +135,8 @@ def validate(config: ConfigDict) -> None:
     """Check values that types alone cannot: names, ranges, files. Fails on the first bad key."""
     from eu_jax.models import fused_attention
     from eu_jax.models.config import RuntimeOptions
-    from eu_jax.objectives.registry import available_terms, get_term
 
+    _validate_keys(config)
     _require(bool(config.model.checkpoint), "model.checkpoint", "is required (an eu_jax checkpoint from eu-convert import)")
     for key in ("model.checkpoint", "model.reference_checkpoint"):
         value = config[key.split(".")[0]][key.split(".")[1]]
@@ -142,19 +145,12 @@ def validate(config: ConfigDict) -> None:
         RuntimeOptions(**config.runtime)
     except ValueError as err:  # its messages start with the field's name
         raise ConfigError(f"config.runtime.{err}") from None
-    for kind in ("retain", "forget"):
-        name = config.objective[kind]
-        _require(name in available_terms(kind), f"objective.{kind}", f"'{name}' is not one of {available_terms(kind)}")
-        try:
-            get_term(kind, name).resolve_kwargs(dict(config.objective[f"{kind}_kwargs"]))
-        except ValueError as err:
-            raise ConfigError(f"config.objective.{kind}_kwargs: {err}") from None
-    _validate_term_layers(config)
-    _require(config.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"must be one of {SCHEDULES}")
-    _require(config.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be positive")
-    _require(0 <= config.optimizer.warmup_steps <= config.train.steps, "optimizer.warmup_steps", "must be within [0, train.steps]")
+    _validate_objective(config)
+    _validate_optimizer(config)
     _validate_data(config)
+    _require(config.data.batch_size >= 1, "data.batch_size", f"must be at least 1, not {config.data.batch_size}")
     _require(config.data.max_length >= 2, "data.max_length", "must be at least 2")
+    _validate_against_model(config)
     kernel = config.runtime.attention
     _require(
         kernel == "xla" or fused_attention.uses_kernel(kernel, config.data.max_length),
@@ -171,21 +167,92 @@ def validate(config: ConfigDict) -> None:
     _validate_train(config)
 
 
-def _validate_term_layers(config: ConfigDict) -> None:
-    """A term's hidden layer against the model's depth, read from the checkpoint's metadata (no arrays)."""
+# Mappings whose keys are not fields of the defaults: a term's own arguments (the term checks them), and the
+# sections the workflow commands add to the training config they build on (demo/compare's, the TOFU benchmark's).
+_FREE_FORM_KEYS = ("objective.retain_kwargs", "objective.forget_kwargs", "workflow", "tofu")
+
+
+def _validate_keys(config: ConfigDict) -> None:
+    """A key a config file set that the defaults lack: it would be saved with the run and read by nothing, so a
+    typo would go unnoticed (the command line's unknown keys are refused by ConfigDict itself)."""
+    for key, known in _extra_keys(config, get_default_config()):
+        close = difflib.get_close_matches(key.rpartition(".")[2], known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys here: {', '.join(known)}"
+        raise ConfigError(f"config.{key}: unknown key{hint}")
+
+
+def _extra_keys(config: ConfigDict, defaults: ConfigDict, prefix: str = "") -> Iterator[tuple[str, list[str]]]:
+    """(dotted key, the keys its section knows) for each key of `config` that `defaults` lacks, at any depth."""
+    for key, value in config.items():
+        path = prefix + key
+        if path in _FREE_FORM_KEYS:
+            continue
+        if key not in defaults:
+            yield path, list(defaults.keys())
+        elif isinstance(value, ConfigDict) and isinstance(defaults[key], ConfigDict):
+            yield from _extra_keys(value, defaults[key], f"{path}.")
+
+
+def _validate_objective(config: ConfigDict) -> None:
+    """Term names and arguments, finite weights: a nan or inf only shows as a non-finite loss at step 1."""
+    from eu_jax.objectives.registry import available_terms, get_term
+
+    objective = config.objective
+    for kind in ("retain", "forget"):
+        name = objective[kind]
+        _require(name in available_terms(kind), f"objective.{kind}", f"'{name}' is not one of {available_terms(kind)}")
+        try:
+            arguments = get_term(kind, name).resolve_kwargs(dict(objective[f"{kind}_kwargs"]))
+        except ValueError as err:
+            raise ConfigError(f"config.objective.{kind}_kwargs: {err}") from None
+        for argument, value in arguments.items():
+            finite = not isinstance(value, float) or math.isfinite(value)
+            _require(finite, f"objective.{kind}_kwargs.{argument}", f"must be finite, not {value}")
+    for key in ("a", "g"):
+        _require(math.isfinite(objective[key]), f"objective.{key}", f"must be a finite weight, not {objective[key]}")
+    _require(objective.chunk_tokens >= 1, "objective.chunk_tokens", f"must be at least 1, not {objective.chunk_tokens}")
+
+
+def _validate_optimizer(config: ConfigDict) -> None:
+    """AdamW's settings within their ranges: outside them a run still trains to the end, on nan, zero or
+    reversed updates (a negative clip norm or end ratio flips the update's sign)."""
+    opt = config.optimizer
+    _require(opt.schedule in SCHEDULES, "optimizer.schedule", f"must be one of {SCHEDULES}")
+    _require(0 < opt.learning_rate < math.inf, "optimizer.learning_rate", f"must be positive and finite, not {opt.learning_rate}")
+    _require(0 <= opt.warmup_steps <= config.train.steps, "optimizer.warmup_steps", "must be within [0, train.steps]")
+    _require(
+        0 <= opt.end_lr_ratio <= 1,
+        "optimizer.end_lr_ratio",
+        f"must be within [0, 1] (the final learning rate as a fraction of the peak), not {opt.end_lr_ratio}",
+    )
+    for key in ("b1", "b2"):
+        _require(0 <= opt[key] < 1, f"optimizer.{key}", f"must be within [0, 1) (a moving average's decay), not {opt[key]}")
+    _require(0 < opt.eps < math.inf, "optimizer.eps", f"must be positive and finite, not {opt.eps}")
+    _require(0 <= opt.weight_decay < math.inf, "optimizer.weight_decay", f"must be 0 (off) or positive and finite, not {opt.weight_decay}")
+    # optax clips to this norm: 0 would zero every update, a negative norm would reverse it.
+    _require(opt.grad_clip_norm > 0, "optimizer.grad_clip_norm", f"must be positive, not {opt.grad_clip_norm}")
+
+
+def _validate_against_model(config: ConfigDict) -> None:
+    """Settings the model bounds (the row length, a term's hidden layer), read from the checkpoint's metadata
+    (no arrays): past the model's positions a run would fail on memory or attend to untrained positions."""
     from eu_jax.convert.checkpoint import CheckpointError, load_model_meta
     from eu_jax.objectives.registry import get_term
 
     terms = {kind: get_term(kind, config.objective[kind]) for kind in ("retain", "forget")}
-    if all(term.layer_arg is None for term in terms.values()):
-        return  # nothing to check: leave the checkpoint unread here
     try:
-        num_layers = load_model_meta(Path(config.model.checkpoint)).config.num_layers
+        model = load_model_meta(Path(config.model.checkpoint)).config
     except CheckpointError as err:
-        raise ConfigError(f"config.model.checkpoint: {err}") from None
+        _require(all(term.layer_arg is None for term in terms.values()), "model.checkpoint", str(err))
+        return  # nothing else needs the metadata here: loading the checkpoint names what it lacks
+    _require(
+        config.data.max_length <= model.max_position_embeddings,
+        "data.max_length",
+        f"{config.data.max_length} tokens exceed the model's max_position_embeddings ({model.max_position_embeddings})",
+    )
     for kind, term in terms.items():
         try:
-            term.check_layers(dict(config.objective[f"{kind}_kwargs"]), num_layers)
+            term.check_layers(dict(config.objective[f"{kind}_kwargs"]), model.num_layers)
         except ValueError as err:  # its message starts with the argument's name
             raise ConfigError(f"config.objective.{kind}_kwargs.{err}") from None
 
@@ -195,6 +262,8 @@ def _validate_train(config: ConfigDict) -> None:
     train = config.train
     _require(train.steps >= 1, "train.steps", "must be at least 1")
     _require(bool(train.output_dir), "train.output_dir", "is required")
+    existing = _nearest_existing(Path(train.output_dir))
+    _require(existing.is_dir(), "train.output_dir", f"'{existing}' is not a folder")
     _require(train.log_every >= 1, "train.log_every", "must be at least 1 (log every this many steps)")
     for key in ("eval_every", "save_every"):
         _require(train[key] >= 0, f"train.{key}", "must be 0 (off) or a positive number of steps")
@@ -217,6 +286,12 @@ def _validate_train(config: ConfigDict) -> None:
             f"train.{key}",
             "needs train.eval_every > 0: it acts on evaluations, and without them it would be ignored",
         )
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists: where creating the folder would start."""
+    path = path.absolute()
+    return next(folder for folder in (path, *path.parents) if folder.exists())
 
 
 def _validate_mesh(config: ConfigDict) -> None:

@@ -226,7 +226,8 @@ def _set_up(config: ConfigDict, eval_fn: EvalFn | None, devices: Sequence[jax.De
 
     _, _, meta_dir = locate_params(checkpoint)
     checkpoints = RunCheckpoints(
-        Path(config.train.output_dir), meta, meta_dir / HF_FILES_DIR, config.train.keep_checkpoints, config.train.async_checkpointing
+        Path(config.train.output_dir), meta, meta_dir / HF_FILES_DIR, config.train.keep_checkpoints,
+        config.train.async_checkpointing, keep_best=bool(config.train.best_metric),
     )
     state = checkpoints.restore_latest(abstract, shardings)
     if state is None:
