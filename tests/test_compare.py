@@ -78,3 +78,35 @@ def test_a_misspelt_method_stops_compare_and_tofu_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"^config\.tofu\.methods: no method 'graddif' .* give eu, ga, graddiff, .*, unierase\)$"):
         tofu_bench.run(tofu)
     assert not (tmp_path / "work").exists() and not (tmp_path / "tofu").exists()
+
+
+def test_bad_training_settings_stop_the_workflows_before_their_data(tmp_path):
+    """demo, compare and the TOFU benchmark validate every training they will run (and the relearning attack)
+    before they sample forget texts, evaluate or train anything."""
+    from eu_jax import demo, tofu_bench
+    from eu_jax.train.config import ConfigError
+
+    checkpoint = str(make_chat_checkpoint(tmp_path))
+    config = demo_config()
+    config.model.checkpoint = checkpoint
+    config.workflow.workdir = str(tmp_path / "work")
+    config.optimizer.learning_rate = -1.0
+    with pytest.raises(ConfigError, match=r"^eu's training: config\.optimizer\.learning_rate: must be positive"):
+        demo.run(config)
+    config.optimizer.learning_rate = 1e-5
+    config.workflow.update(methods="eu,npo")
+    config.workflow.relearn.steps = 0
+    with pytest.raises(ConfigError, match=r"^eu relearning attack's training: config\.train\.steps: must be at least 1"):
+        compare.run(config)
+    assert not (tmp_path / "work").exists()
+    tofu = load_python_file(CONFIGS / "tofu.py").get_config("")
+    tofu.model.checkpoint = checkpoint
+    tofu.tofu.update(workdir=str(tmp_path / "tofu"), methods="unierase,graddiff")
+    tofu.tofu.unierase.edit.l2 = 0.0
+    with pytest.raises(ValueError, match=r"^config\.edit\.l2=0\.0 must be > 0"):
+        tofu_bench.run(tofu)
+    tofu.tofu.unierase.edit.l2 = 1.0
+    tofu.tofu.unlearn.steps = 0
+    with pytest.raises(ConfigError, match=r"^graddiff's training: config\.train\.steps: must be at least 1"):
+        tofu_bench.run(tofu)
+    assert not (tmp_path / "tofu" / "runs").exists()
