@@ -151,6 +151,8 @@ def test_train_config_fixture_is_valid(train_config):
         ({"mesh.dcn_data": -1}, r"config\.mesh\.dcn_data: must be a positive number of slices, not -1"),
         ({"mesh.data": -1}, r"config\.mesh\.fsdp: only one of mesh\.data, mesh\.fsdp may be -1"),
         ({"data.batch_size": 0}, r"config\.data\.batch_size: must be at least 1, not 0"),
+        ({"data.seed": -1}, r"config\.data\.seed: must be 0 or more, not -1"),
+        ({"train.seed": -3}, r"config\.train\.seed: must be 0 or more, not -3"),
         ({"data.max_length": 100000}, r"config\.data\.max_length: 100000 tokens exceed the model's max_position_embeddings \(2048\)"),
         ({"objective.chunk_tokens": 0}, r"config\.objective\.chunk_tokens: must be at least 1, not 0"),
         ({"objective.g": float("nan")}, r"config\.objective\.g: must be a finite weight, not nan"),
@@ -289,3 +291,30 @@ def test_dcn_mesh_sizes_are_positive():
 
     with pytest.raises(ValueError, match="DCN mesh axis 'data' has size -1"):
         make_mesh({"data": -1}, jax.devices()[:1], dcn_spec={"data": -1})
+
+
+def test_run_identity_holds_the_resolved_number_of_data_shards(train_config):
+    """data.shards 0 is one shard per process: the identity keeps the count the batches are drawn with, so
+    a run resumed on another number of processes (another data order) is told apart."""
+    from eu_jax.train.identity import run_identity
+
+    assert run_identity(train_config)["data"]["shards"] == 1  # one process here
+    train_config.data.shards = 2
+    assert run_identity(train_config)["data"]["shards"] == 2
+
+
+@pytest.mark.parametrize(
+    "saved, current, differences",
+    [
+        ({"params": "/r/params"}, {"params": "/r/params@17"}, []),  # recorded before commit times: the same folder
+        ({"params": "/r/params@16"}, {"params": "/r/params@17"}, ["params: /r/params@16 -> /r/params@17"]),
+        ({"params": "/r/params"}, {"params": "/s/params@17"}, ["params: /r/params -> /s/params@17"]),
+        ({"params": "/r/4/state#ab"}, {"params": "/r/4/state#cd"}, ["params: /r/4/state#ab -> /r/4/state#cd"]),
+        ({"data": {"shards": 0}}, {"data": {"shards": 2}}, []),  # recorded before the count was resolved
+        ({"data": {"shards": 1}}, {"data": {"shards": 2}}, ["data.shards: 1 -> 2"]),
+    ],
+)
+def test_identities_recorded_before_exact_values_still_match(saved, current, differences):
+    from eu_jax.train.identity import identity_differences
+
+    assert identity_differences(saved, current) == differences

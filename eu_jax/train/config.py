@@ -149,6 +149,9 @@ def validate(config: ConfigDict) -> None:
     _validate_optimizer(config)
     _validate_data(config)
     _require(config.data.batch_size >= 1, "data.batch_size", f"must be at least 1, not {config.data.batch_size}")
+    for key in ("data.seed", "train.seed"):  # numpy's and JAX's generators take non-negative seeds
+        section, name = key.split(".")
+        _require(config[section][name] >= 0, key, f"must be 0 or more, not {config[section][name]}")
     _require(config.data.max_length >= 2, "data.max_length", "must be at least 2")
     _validate_against_model(config)
     kernel = config.runtime.attention

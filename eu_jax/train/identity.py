@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
@@ -22,7 +23,7 @@ from eu_jax.data import DataSpec, content_fingerprint
 from eu_jax.data.cache import digest
 from eu_jax.objectives.base import KINDS as HALVES  # the batch halves are named as the terms' kinds
 from eu_jax.train.checkpointing import saved_identity
-from eu_jax.train.config import config_to_json
+from eu_jax.train.config import config_to_json, data_shards
 
 # data.* keys that do not change what is trained: the tokenized-set cache, gradient accumulation (the same
 # batch, summed in parts), and the held-out sets of the built-in evaluation.
@@ -47,8 +48,10 @@ def params_identity(checkpoint: str | Path) -> str:
 
 def _data_identity(config: ConfigDict) -> dict[str, Any]:
     """The data settings, local files identified by content (wherever they lie) and hub data by name and
-    `datasets` fingerprint."""
+    `datasets` fingerprint; the number of data shards as resolved (0 is one per process), since it decides
+    the batches: a run resumed on another number of processes would otherwise change its data order."""
     data = {k: v for k, v in config_to_json(config.data).items() if k not in DATA_KEYS_FREE}
+    data["shards"] = data_shards(config, jax.process_count())
     for half in HALVES:
         content = content_fingerprint(DataSpec.from_mapping(config.data[half]))
         section = dict(data[half])
@@ -81,12 +84,23 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _recorded_alike(key: str, saved: Any, current: Any) -> bool:
+    """Whether a saved identity's value stands for the current one, including records written before two
+    values became exact (so that an upgrade neither retrains nor refuses runs that match): a params checkpoint's
+    bare folder, before its commit time was added, and `data.shards` 0, before the count was resolved."""
+    if saved == current:
+        return True
+    if key in ("params", "reference_params") and isinstance(saved, str) and isinstance(current, str):
+        return bool(saved) and not {"@", "#"} & set(saved) and current.startswith(saved + "@")
+    return key == "data.shards" and saved == 0
+
+
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: saved -> current' for each setting that differs (content fingerprints named, not shown)."""
     old, new = _flatten(saved), _flatten(current)
     out = []
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
+        if not _recorded_alike(key, old.get(key), new.get(key)):
             shown = key.rsplit(".content", 1)[0] + "'s content changed" if ".content" in key else (
                 f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
             )
