@@ -52,6 +52,17 @@ def test_stage_one_is_reused_only_while_its_inputs_are_the_same(files, tmp_path,
     assert _stage_one(config, out)[1] == {"reused": str(folder)}
 
 
+def test_a_token_without_a_record_of_its_inputs_is_refused_and_kept(files, tmp_path):
+    """A token an earlier eu_jax trained has no record of its inputs: neither reused on a guess nor deleted."""
+    out = tmp_path / "run"
+    config = _config(files["a"], files["forget"], out)
+    folder, _ = _stage_one(config, out)
+    (folder / "unierase_inputs.json").unlink()
+    with pytest.raises(FileExistsError, match=f"^{folder} holds a trained token with no unierase_inputs.json"):
+        _stage_one(config, out)
+    assert load_params(folder)  # still there
+
+
 @pytest.mark.parametrize("change", ["forget", "init", "training", "layers"])
 def test_other_questions_or_token_settings_train_the_token_again(files, tmp_path, change, capsys):
     out = tmp_path / "run"

@@ -153,10 +153,15 @@ def token_stage_inputs(config: ConfigDict, questions: list[str], layers: list[in
 
 
 def _inputs_differences(folder: Path, inputs: dict[str, Any]) -> str:
-    """How `inputs` differ from those `folder` was trained from, in one clause ("" when they are the same)."""
+    """How `inputs` differ from those `folder` was trained from, in one clause ("" when they are the same). A
+    token without that record (an earlier eu_jax's) is refused, not replaced: its training is not thrown away
+    on a guess, nor reused for settings it may not match."""
     path = folder / TOKEN_INPUTS_FILE
     if not path.is_file():
-        return f"no {TOKEN_INPUTS_FILE} says what it was trained from"
+        raise FileExistsError(
+            f"{folder} holds a trained token with no {TOKEN_INPUTS_FILE} saying what it was trained from (an earlier "
+            "eu_jax made it): delete it to train the token again, or choose a new config.output"
+        )
     return describe_differences(identity_differences(json.loads(path.read_text()), inputs))
 
 
