@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import datasets
 import jax
 import numpy as np
 import pytest
+import transformers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eu_jax.data import sources
@@ -110,6 +112,61 @@ def test_damaged_entry_is_rebuilt_and_cache_can_be_off(tmp_path, tokenizer):
     uncached = load_set(spec, tokenizer, LengthPolicy(128), cache=False)
     assert uncached.report.cache_key == "" and not uncached.report.cache_hit
     np.testing.assert_array_equal(uncached.data.input_ids, first.data.input_ids)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbled meta"])
+def test_an_entry_that_fails_to_load_is_rebuilt_in_place(tmp_path, tokenizer, damage):
+    """A crash right after an entry's rename can leave its files empty; every later run must not fail on them."""
+    cache = TokenCache(tmp_path / "cache")
+    spec = DataSpec(str(write(tmp_path / "d.jsonl")))
+    first = load_set(spec, tokenizer, LengthPolicy(128), cache=cache)
+    entry = cache.path(first.report.cache_key)
+    if damage == "empty":
+        (entry / "loss_mask.npy").write_bytes(b"")
+    elif damage == "truncated":
+        (entry / "loss_mask.npy").write_bytes((entry / "loss_mask.npy").read_bytes()[:200])
+    else:
+        (entry / "meta.json").write_text('{"arrays": 3}', encoding="utf-8")
+    again = load_set(spec, tokenizer, LengthPolicy(128), cache=cache)
+    assert not again.report.cache_hit and (cache.hits, cache.misses) == (0, 2)
+    np.testing.assert_array_equal(again.data.loss_mask, first.data.loss_mask)
+    assert load_set(spec, tokenizer, LengthPolicy(128), cache=cache).report.cache_hit  # the rebuilt entry
+    assert [p.name for p in cache.root.iterdir()] == [first.report.cache_key]
+
+
+def test_an_entry_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Unsynced files can be empty after a crash even though their folder's rename survived."""
+    synced, unsynced_at_rename = set(), []
+    fsync, rename = os.fsync, os.rename
+
+    def recording_fsync(descriptor):
+        fsync(descriptor)
+        synced.add(os.fstat(descriptor).st_ino)
+
+    def checking_rename(source, target):
+        paths = [source, *os.scandir(source)]
+        unsynced_at_rename.append(sorted(os.fspath(p) for p in paths if os.stat(p).st_ino not in synced))
+        rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", checking_rename)
+    entry = TokenCache(tmp_path / "cache").store("key", {"input_ids": np.arange(6, dtype=np.int32)}, {"counts": {}})
+    assert unsynced_at_rename == [[]] and sorted(p.name for p in entry.iterdir()) == ["input_ids.npy", "meta.json"]
+
+
+def test_how_the_tokenizer_encodes_special_tokens_is_part_of_the_key(tmp_path, tokenizer):
+    """split_special_tokens lives on the Python object only: nothing serialised shows it, the ids do."""
+    tokenizer.save_pretrained(tmp_path / "saved")
+    splitting = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved", split_special_tokens=True)
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert tokenizer_fingerprint(reloaded) == tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(splitting) != tokenizer_fingerprint(tokenizer)
+    cache = TokenCache(tmp_path / "cache")
+    spec = DataSpec(str(write(tmp_path / "d.jsonl")))
+    load_set(spec, tokenizer, LengthPolicy(256), cache=cache)
+    split = load_set(spec, splitting, LengthPolicy(256), cache=cache)
+    assert not split.report.cache_hit
+    np.testing.assert_array_equal(split.data.input_ids, load_set(spec, splitting, LengthPolicy(256), cache=False).data.input_ids)
 
 
 def test_hub_sets_are_keyed_by_name_revision_and_fingerprint(tmp_path, tokenizer, monkeypatch):

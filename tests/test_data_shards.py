@@ -11,10 +11,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eu_jax.data import chat
-from eu_jax.data.batches import ShardedSet, ShardLayout, batch_indices, global_batch
+from eu_jax.data.batches import ShardedSet, ShardLayout, batch_indices, format_spans, global_batch, process_rows
 from eu_jax.data.cache import TokenCache
 from eu_jax.data.pipeline import DataReport, LengthPolicy, load_set
 from eu_jax.data.sources import DataError, DataSpec
+from eu_jax.parallel.sharding import to_host
 from eu_jax.train.config import ConfigError, data_shards, get_default_config, validate
 from tests.test_data_chat import llama3_tokenizer
 
@@ -108,6 +109,20 @@ def shard_arrays(n: int, shards: int) -> dict[int, dict[str, np.ndarray]]:
     return out
 
 
+def fed_batches(sharding: NamedSharding, records: int = 10, shards: int = 4, batch_size: int = 8, steps: int = 3) -> list:
+    """input_ids of each step's global batch, from the data shards this process feeds (ShardedSet) and from
+    the whole set (global_batch), as lists: the same for one process and for several, whatever the mesh."""
+    layout = ShardLayout(shards, batch_size)
+    fed = layout.shards_for(process_rows(sharding, (batch_size,)))
+    data = ShardedSet.from_processes(layout, {s: arrays for s, arrays in shard_arrays(records, shards).items() if s in fed})
+    whole = shard_arrays(records, 1)[0]
+    return [
+        [to_host(data.batch(step, 0, sharding)[0]["input_ids"]).tolist(),
+         to_host(global_batch(whole, batch_indices(records, batch_size, step, 0), sharding)["input_ids"]).tolist()]
+        for step in range(steps)
+    ]  # fmt: skip
+
+
 def epoch_stream(num: int, positions: int, seed: int, stream: tuple[int, ...]) -> np.ndarray:
     """Fresh permutations of range(num), one per epoch, laid end to end."""
     epochs = -(-positions // num)
@@ -145,8 +160,11 @@ def test_one_shard_keeps_the_unsharded_order(sharding):
 def test_layout_blocks_and_the_shards_a_process_needs():
     layout = ShardLayout(4, 8)
     assert [layout.block(s) for s in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
-    assert layout.shards_for(slice(0, 4)) == range(0, 2) and layout.shards_for(slice(4, 8)) == range(2, 4)
-    assert layout.shards_for(slice(3, 5)) == range(1, 3) and layout.shards_for(slice(0, 8)) == range(0, 4)
+    assert layout.shards_for(np.arange(0, 4)) == [0, 1] and layout.shards_for(np.arange(4, 8)) == [2, 3]
+    assert layout.shards_for(np.arange(3, 5)) == [1, 2] and layout.shards_for(np.arange(0, 8)) == [0, 1, 2, 3]
+    interleaved = np.array([0, 1, 4, 5])  # a DCN axis inside an ICI one: the process's rows are not one block
+    assert layout.shards_for(interleaved) == [0, 2] and format_spans(interleaved) == "0:2, 4:6"
+    assert layout.offsets(2, interleaved).tolist() == [0, 1] and layout.offsets(1, np.array([3, 4])).tolist() == [1]
     with pytest.raises(ValueError, match="8 rows cannot be split into 3 equal shard blocks"):
         ShardLayout(3, 8)
     missing = shard_arrays(10, 4)

@@ -1,8 +1,10 @@
 """Two processes x 4 CPU devices through jax.distributed: each tokenizes and feeds only its data shard, the
-result is that of one 8-device process with the same shards, and bad data in one process stops both."""
+result is that of one 8-device process with the same shards, and bad data in one process stops both. A DCN
+mesh spans the processes, and its interleaved batch rows still give one process's batches."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,7 +14,10 @@ import textwrap
 import pytest
 
 from eu_jax.convert.checkpoint import load_params
+from eu_jax.parallel.mesh import make_mesh
+from eu_jax.parallel.sharding import batch_sharding
 from eu_jax.train.loop import train
+from tests.test_data_shards import fed_batches
 from tests.test_train import assert_trees_close
 from tests.tiny_run import make_tiny_run, tiny_config, write_jsonl
 
@@ -37,6 +42,29 @@ WORKER = textwrap.dedent(
     print("final loss", repr(result.last_metrics["loss"]), flush=True)
     """
 ).format(common=COMMON)
+
+# DCN over fsdp inside ICI data: mesh (data 2, fsdp 2 x 2 processes), so process 0 holds batch rows 0, 1, 4, 5.
+DCN_MESH = {"data": 2, "fsdp": 2, "tensor": 1, "dcn_fsdp": 2}
+
+DCN_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from eu_jax.data.batches import format_spans, process_rows
+    from eu_jax.parallel.distributed import DistributedSettings, initialize_distributed
+    from eu_jax.parallel.mesh import mesh_from_config
+    from eu_jax.parallel.sharding import batch_sharding
+    from tests.test_data_shards import fed_batches
+
+    initialize_distributed(DistributedSettings(sys.argv[1], 2, int(sys.argv[2])))
+    try:
+        mesh_from_config({{"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 4}})
+    except ValueError as err:
+        print("mismatch:", err)
+    sharding = batch_sharding(mesh_from_config({mesh!r}))
+    print("rows", format_spans(process_rows(sharding, (8,))))
+    print("batches", json.dumps(fed_batches(sharding)))
+    """
+).format(mesh=DCN_MESH)
 
 # eu-train's config for the failing run: the tiny run with a retain set given on the command line.
 CONFIG_FILE = textwrap.dedent(
@@ -109,6 +137,20 @@ def test_two_processes_feed_their_own_shards_and_match_one(tmp_path):
     losses = [float(o.split("final loss ")[1].split()[0]) for o in outputs]
     assert losses[0] == losses[1] == pytest.approx(single.last_metrics["loss"], abs=1e-5)
     assert_trees_close(load_params(tmp_path / "multi" / "checkpoints")[0], load_params(tmp_path / "single" / "checkpoints")[0], atol=1e-5)
+
+
+def test_a_dcn_mesh_over_processes_with_interleaved_batch_rows_gives_one_process_batches():
+    expected = fed_batches(batch_sharding(make_mesh({"data": -1})))  # one process, 8 devices
+
+    results = run_two_processes(lambda pid, address: [sys.executable, "-c", DCN_WORKER, address, str(pid)])
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    outputs = [output for _, output in results]
+    assert "rows 0:2, 4:6" in outputs[0] and "rows 2:4, 6:8" in outputs[1]
+    for output in outputs:
+        mismatch = "mesh.dcn_data=4, mesh.dcn_fsdp=1, mesh.dcn_tensor=1: their product, 4, must equal the number of processes"
+        assert f"mismatch: {mismatch} the devices are in, 2" in output
+        assert json.loads(output.split("batches ")[1].splitlines()[0]) == expected
 
 
 def test_an_output_folder_the_processes_do_not_share_stops_both_before_any_work(tmp_path):

@@ -5,7 +5,7 @@ save. Each process materialises only the rows its devices hold and assembles the
 
 Data shards split the tokenizing and the feeding across processes: record i of a set belongs to shard
 i % S, and global batch s is the concatenation over shards 0..S-1 of batch_size / S rows drawn from each
-shard by its own permutation stream. A process loads only the shards whose block of rows its devices
+shard by its own permutation stream. A process loads only the shards that fill rows its devices
 hold, so the batches depend on S but not on how many processes share the work.
 """
 
@@ -33,15 +33,25 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int, stre
     return out
 
 
-def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
-    """The contiguous block of global rows that this process's devices hold."""
-    rows = [idx[0] for idx in sharding.addressable_devices_indices_map(global_shape).values()]
-    starts = [r.start or 0 for r in rows]
-    stops = [global_shape[0] if r.stop is None else r.stop for r in rows]
-    return slice(min(starts), max(stops))
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> np.ndarray:
+    """The global rows this process's devices hold, sorted. One block in general, but several when the batch
+    axes span processes inside (a DCN mesh axis inside an ICI one: process 0 may hold rows 0, 1, 4, 5)."""
+    held = set()
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        held.update(range(*index[0].indices(global_shape[0])))
+    return np.array(sorted(held), np.int64)
+
+
+def format_spans(values: Sequence[int]) -> str:
+    """Sorted integers as start:stop runs, e.g. "0:2, 4:6" (rows or shards, for messages)."""
+    breaks = [i for i in range(1, len(values)) if values[i] != values[i - 1] + 1]
+    runs = zip([0, *breaks], [*breaks, len(values)]) if len(values) else []
+    return ", ".join(f"{values[first]}:{values[last - 1] + 1}" for first, last in runs)
 
 
 def _assemble(local: Mapping[str, np.ndarray], batch_size: int, sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows in process_rows order, which is the order
+    make_array_from_process_local_data maps the process's row slices to its local data."""
     return {
         name: jax.make_array_from_process_local_data(sharding, rows, (batch_size,) + rows.shape[1:])
         for name, rows in local.items()
@@ -77,9 +87,14 @@ class ShardLayout:
         """The global batch rows that `shard` fills."""
         return slice(shard * self.rows_per_shard, (shard + 1) * self.rows_per_shard)
 
-    def shards_for(self, rows: slice) -> range:
-        """The shards whose blocks overlap the global batch rows `rows` (those a process must load)."""
-        return range(rows.start // self.rows_per_shard, -(-rows.stop // self.rows_per_shard))
+    def shards_for(self, rows: np.ndarray) -> list[int]:
+        """The shards whose blocks hold any of the global batch rows `rows` (those a process must load)."""
+        return sorted({int(row) // self.rows_per_shard for row in rows})
+
+    def offsets(self, shard: int, rows: np.ndarray) -> np.ndarray:
+        """Positions within the block of `shard` of those of the global batch rows `rows` that it fills."""
+        block = self.block(shard)
+        return rows[(rows >= block.start) & (rows < block.stop)] - block.start
 
     def indices(self, shard: int, shard_rows: int, step: int, seed: int) -> np.ndarray:
         """Rows of `shard` (which has `shard_rows` rows) that fill its block of batch `step`. One shard keeps
@@ -134,10 +149,9 @@ class ShardedSet:
         pieces = []
         for shard in layout.shards_for(rows):
             if shard not in self.local:
-                raise ValueError(f"this process feeds batch rows {rows.start}:{rows.stop} but did not load data shard {shard}")
-            block = layout.block(shard)
-            start, stop = max(rows.start, block.start) - block.start, min(rows.stop, block.stop) - block.start
-            pieces.append({name: array[picks[shard][start:stop]] for name, array in self.local[shard].items()})
+                raise ValueError(f"this process feeds batch rows {format_spans(rows)} but did not load data shard {shard}")
+            chosen = picks[shard][layout.offsets(shard, rows)]
+            pieces.append({name: array[chosen] for name, array in self.local[shard].items()})
         local = {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
         return _assemble(local, layout.batch_size, sharding), tokens
 

@@ -41,25 +41,42 @@ def make_mesh(
 ) -> Mesh:
     """A mesh over `devices` (default: all) laid out by JAX's topology-aware mesh utilities.
 
-    `spec` sizes the axes within one slice (ICI); `dcn_spec` how many slices each axis spans
-    (multi-slice TPU, or several GPU hosts). The mesh axis size is the product of the two.
+    `spec` sizes the axes within one slice (ICI); `dcn_spec` how many slices each axis spans (multi-slice
+    TPU; else processes: several GPU hosts, or CPU processes). The mesh axis size is the product of the two.
     """
     devices = list(jax.devices() if devices is None else devices)
     dcn = tuple(int((dcn_spec or {}).get(axis, 1)) for axis in MESH_AXES)
     for axis, size in zip(MESH_AXES, dcn):
         if size < 1:
             raise ValueError(f"DCN mesh axis '{axis}' has size {size}; it must be a positive number of slices")
-    if len(devices) % math.prod(dcn):
-        raise ValueError(f"DCN mesh {dict(zip(MESH_AXES, dcn))} does not divide {len(devices)} devices")
-    ici = resolve_mesh_shape(spec or {"data": -1}, len(devices) // math.prod(dcn))
-    if math.prod(dcn) > 1 and (hasattr(devices[0], "slice_index") or jax.process_count() > 1):
-        # Slices are TPU slices, or else processes (multi-host GPU/CPU).
-        granule = {"process_is_granule": not hasattr(devices[0], "slice_index")}
-        return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, **granule), MESH_AXES)
-    shape = tuple(i * d for i, d in zip(ici, dcn))
+    if math.prod(dcn) > 1:
+        return Mesh(_hybrid_device_mesh(spec, dcn, devices), MESH_AXES)
+    shape = resolve_mesh_shape(spec or {"data": -1}, len(devices))
     if len(devices) == 1:
         return Mesh(np.array(devices).reshape(shape), MESH_AXES)
     return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES)
+
+
+def _dcn_granules(devices: Sequence[jax.Device]) -> tuple[str, int]:
+    """What the DCN axes span, and how many: TPU slices where the devices' slice_index values differ, else
+    processes (multi-process CPU and GPU devices report slice_index 0 in every process, or none at all)."""
+    slices = {getattr(device, "slice_index", 0) for device in devices}
+    if len(slices) > 1:
+        return "slices", len(slices)
+    return "processes", len({device.process_index for device in devices})
+
+
+def _hybrid_device_mesh(spec: Mapping[str, int] | None, dcn: tuple[int, ...], devices: list[jax.Device]) -> np.ndarray:
+    """Devices laid out with each granule (slice or process) a block of the ICI shape `spec`, the blocks
+    arranged in the DCN shape `dcn`."""
+    kind, count = _dcn_granules(devices)
+    if math.prod(dcn) != count:
+        sizes = ", ".join(f"mesh.dcn_{axis}={size}" for axis, size in zip(MESH_AXES, dcn))
+        raise ValueError(f"{sizes}: their product, {math.prod(dcn)}, must equal the number of {kind} the devices are in, {count}")
+    if len(devices) % count:
+        raise ValueError(f"{len(devices)} devices do not split evenly over {count} {kind}")
+    ici = resolve_mesh_shape(spec or {"data": -1}, len(devices) // count)
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=kind == "processes")
 
 
 def single_device_mesh() -> Mesh:

@@ -17,7 +17,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from eu_jax.convert.checkpoint import HF_FILES_DIR, load_model_meta, load_params, locate_params
-from eu_jax.data.batches import ShardedSet, ShardLayout, allgather_json, process_rows
+from eu_jax.data.batches import ShardedSet, ShardLayout, allgather_json, format_spans, process_rows
 from eu_jax.data import DataError, DataReport, DataSpec, LengthPolicy, TokenCache, load_set, use_chat_template
 from eu_jax.models.config import RuntimeOptions
 from eu_jax.models.state import Params, abstract_params, params_shardings
@@ -84,7 +84,7 @@ def _data_cache(config: ConfigDict) -> TokenCache | bool:
 HALVES = ("retain", "forget")
 
 
-def _load_sets(config: ConfigDict, tokenizer, needs_preferred: bool, layout: ShardLayout, owned: range) -> dict[str, ShardedSet]:
+def _load_sets(config: ConfigDict, tokenizer, needs_preferred: bool, layout: ShardLayout, owned: list[int]) -> dict[str, ShardedSet]:
     """This process's data shards `owned` of the retain and forget sets (the forget set with its preferred_*
     twin if asked). Every process calls it: they first agree that all of them loaded their shards, since a
     process waiting in a collective for one that failed would wait forever."""
@@ -113,7 +113,7 @@ def _load_sets(config: ConfigDict, tokenizer, needs_preferred: bool, layout: Sha
     return {half: ShardedSet.from_processes(layout, {s: loaded[half][s].arrays() for s in owned}) for half in HALVES}
 
 
-def _print_data_reports(half: str, layout: ShardLayout, owned: range, by_process: list[dict[str, dict]]) -> None:
+def _print_data_reports(half: str, layout: ShardLayout, owned: list[int], by_process: list[dict[str, dict]]) -> None:
     """Process 0 prints the set's totals over all shards; with several processes, each says what it holds."""
     reports = {int(shard): DataReport(**report) for reports in by_process for shard, report in reports.items()}
     total = DataReport.total([reports[s] for s in range(layout.count)])
@@ -122,7 +122,7 @@ def _print_data_reports(half: str, layout: ShardLayout, owned: range, by_process
     if jax.process_count() > 1:
         examples = sum(reports[s].examples for s in owned)
         print(
-            f"process {jax.process_index()} of {jax.process_count()} holds {half} data shards {owned.start}:{owned.stop} "
+            f"process {jax.process_index()} of {jax.process_count()} holds {half} data shards {format_spans(owned)} "
             f"of {layout.count}: {examples:,} of {total.examples:,} examples",
             flush=True,
         )
@@ -340,8 +340,8 @@ def train(config: ConfigDict, eval_fn: EvalFn | None = None, devices: Sequence[j
     rows = process_rows(run.data_sharding, (config.data.batch_size,))
     shards = sorted(run.sets["retain"].local)
     print(
-        f"process {jax.process_index()} of {jax.process_count()} feeds batch rows {rows.start}:{rows.stop} of "
-        f"{config.data.batch_size} from data shards {shards[0]}:{shards[-1] + 1} of {run.sets['retain'].layout.count}",
+        f"process {jax.process_index()} of {jax.process_count()} feeds batch rows {format_spans(rows)} of "
+        f"{config.data.batch_size} from data shards {format_spans(shards)} of {run.sets['retain'].layout.count}",
         flush=True,
     )
     throughput = _Throughput(
