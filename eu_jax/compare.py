@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ml_collections import config_flags
 
-from eu_jax.flag_parsing import run_config_command
+from eu_jax.flag_parsing import CONFIGS, run_config_command
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -121,9 +120,7 @@ def run(config) -> int:
 
 
 def main() -> None:
-    # Defined here, not at import: the tests import several config-file commands into one process.
-    config = config_flags.DEFINE_config_file("config", "configs/demo.py", "workflow config (see configs/demo.py)", lock_config=True)
-    run_config_command("compare", config, run)
+    run_config_command("compare", "workflow config (see configs/demo.py)", run, default=CONFIGS / "demo.py")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from eu_jax.files import localize_path_settings
 
@@ -73,13 +74,25 @@ def one_line_errors(program: str, config_flag: Any) -> Callable[[list[str]], lis
     return parse
 
 
+# The repository's config files: the default of the workflow commands, found wherever they are started.
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
 def run_config_command(
-    program: str, config_flag: Any, body: Callable[[Any], int], errors: tuple[type[BaseException], ...] = (ValueError, OSError)
+    program: str,
+    about: str,
+    body: Callable[[Any], int],
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError),
+    default: Path | None = None,
 ) -> None:
-    """Run `body(config)` as the program: stray arguments and a missing --config are usage errors, `errors`
+    """Define `--config` (`about` its help; `default` a config file, else the flag is required; defined here,
+    when the command runs, not at import, so that several commands import into one process), then run
+    `body(config)` as the program: stray arguments and a missing --config are usage errors, `errors`
     become `program: error: <message>` with exit 2, orbax's per-file INFO logs are silenced, and compiled
     programs are kept on disk for the next run (`compile_cache`). Path settings are made local first ('~'
     expanded; a URL such as gs://... refused before anything runs: the commands read and write local paths)."""
+
+    config_flag = config_flags.DEFINE_config_file("config", default and str(default), about, lock_config=True)
 
     def run(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)

@@ -20,15 +20,20 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
 from eu_jax.flag_parsing import run_config_command
+from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, Rule, check_rules
+
+if TYPE_CHECKING:
+    from eu_jax.selfgen import SelfGenConfig
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -82,6 +87,16 @@ class StageClock:
         from eu_jax.files import write_json_atomic
 
         write_json_atomic(self.path, self.minutes | ({"unfinished": self.unfinished} if self.unfinished else {}))
+
+
+# The benchmark's own settings that its stages would otherwise only refuse (or quietly replace: a negative
+# fine-tuning rate read as "the preset's") once the stages before them have run.
+_SECTION_RULES: dict[str, tuple[Rule, ...]] = {
+    "finetune": (("steps", *AT_LEAST_ONE), ("learning_rate", *POSITIVE_FINITE)),
+    "unlearn": (("steps", *AT_LEAST_ONE),
+                ("learning_rate", lambda v: 0 <= v < math.inf, "must be 0 (the model preset's) or a positive finite number")),
+    "eval": (("max_new_tokens", *AT_LEAST_ONE), ("batch_size", *AT_LEAST_ONE), ("max_items", lambda v: v >= 0, "must be 0 (all) or more")),
+}
 
 
 def tofu_section() -> ConfigDict:
@@ -162,8 +177,11 @@ class TofuBench:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _timed(self, name: str, build) -> Path:
-        """build() -> checkpoint, the run of runs/<name>, timed (a run not there yet is timed afresh)."""
-        return self.clock.timed(name, build, fresh=not (self.work / "runs" / name).exists())
+        """build() -> checkpoint, the run of runs/<name>, timed; a finished time whose run is gone (deleted by
+        hand) is dropped, while an interrupted stage keeps its minutes even if it stopped before its run began
+        (EU's sampling)."""
+        gone = self.clock.get(name) is not None and not (self.work / "runs" / name).exists()
+        return self.clock.timed(name, build, fresh=gone)
 
     def _train(self, name: str, run: ConfigDict) -> Path:
         """`train_once`, forgetting the time of a stale run it replaces."""
@@ -194,16 +212,25 @@ class TofuBench:
     def self_generated(self, target: Path) -> Path:
         """EU's forget texts: what the target model writes itself (sampled once)."""
         from eu_jax.eval.model import EvalModel
-        from eu_jax.selfgen import SelfGenConfig, checkpoint_provenance, self_generate
+        from eu_jax.selfgen import checkpoint_provenance, self_generate
 
-        s = self.t.selfgen
         out = self.work / "data" / "selfgen.jsonl"
         model = EvalModel.load(target, self.mesh)
-        settings = SelfGenConfig(num_samples=s.samples, user_turns="self", max_new_tokens=s.max_new_tokens,
-                                 batch_size=s.batch_size, seed=s.seed, retain_path=str(self.files["retain"]))
+        settings = self._selfgen_config()
         self_generate(model.decoder(), model.tokenizer, settings, out, model.mesh, eos_ids=model.eos_ids,
                       model_info=checkpoint_provenance(target), progress=False, replace_stale=True)
         return out
+
+    def _selfgen_config(self) -> "SelfGenConfig":
+        """EU's forget-text sampling, a bad setting named as `config.tofu.selfgen.<key>`."""
+        from eu_jax.selfgen import SelfGenConfig
+
+        s = self.t.selfgen
+        try:
+            return SelfGenConfig(num_samples=s.samples, user_turns="self", max_new_tokens=s.max_new_tokens,
+                                 batch_size=s.batch_size, seed=s.seed, retain_path=str(self.files["retain"]))
+        except ValueError as err:  # its messages start with the setting, `samples` under its own name
+            raise ValueError(f"config.tofu.selfgen.{str(err).replace('num_samples=', 'samples=', 1)}") from None
 
     def unlearn(self, method: str, target: Path) -> Path:
         if method == "unierase":
@@ -248,12 +275,22 @@ class TofuBench:
         return config
 
     def check_settings(self, methods: list[str]) -> None:
-        """Every training's and UniErase's settings, checked before the first fine-tune (on the base model,
-        which the target shares its shape with), so a bad one stops the benchmark at once naming its key."""
-        from eu_jax.unierase.pipeline import check_settings
+        """The benchmark's own sections by their names, then every training's settings (on the base model,
+        which the target shares its shape with), before the first fine-tune: a bad one stops it at once."""
+        from eu_jax.convert.checkpoint import load_model_meta
+        from eu_jax.unierase.pipeline import check_edit_settings
+        from eu_jax.unierase.token_training import check_token_training
         from eu_jax.workflow import validate_before_work
 
-        ft, u = self.t.finetune, self.t.unlearn
+        t = self.t
+        for name, rules in _SECTION_RULES.items():
+            check_rules(t[name], rules, f"config.tofu.{name}")
+        if "eu" in methods:
+            self._selfgen_config()
+        if "unierase" in methods:
+            check_token_training(t.unierase.token, "config.tofu.unierase.token")
+            check_edit_settings(t.unierase.edit, load_model_meta(self.base).config.num_layers, "config.tofu.unierase.edit")
+        ft, u = t.finetune, t.unlearn
         runs = {name: self.training("retain_only", self.base, self.files["retain"], self.files["retain"], name,
                                     ft.steps, ft.learning_rate) for name in FINETUNED}
         for method in methods:
@@ -261,8 +298,6 @@ class TofuBench:
                 runs[method] = self.training(method, self.base, self.files["retain"], self.files["forget"], method,
                                              u.steps, u.learning_rate)
         validate_before_work(runs)
-        if "unierase" in methods:
-            check_settings(self._unierase_config(self.base, self.work / "runs" / "unierase"))
 
     def evaluate(self, name: str, checkpoint: Path) -> dict[str, Any]:
         """TOFU's metrics of one checkpoint, saved as results/<name>.json and reused for the same params on the
@@ -359,9 +394,7 @@ def run(config: ConfigDict) -> int:
 
 
 def main() -> None:
-    # Defined here, not at import: the tests import several config-file commands into one process.
-    config = config_flags.DEFINE_config_file("config", None, "TOFU benchmark config (see configs/tofu.py)", lock_config=True)
-    run_config_command("tofu", config, run)
+    run_config_command("tofu", "TOFU benchmark config (see configs/tofu.py)", run)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from eu_jax.eval.suite import EvalSuite, get_eval_config
 from eu_jax.files import load_python_file, write_json_atomic
 from eu_jax.parallel.mesh import mesh_from_config
 from eu_jax.selfgen import SelfGenConfig, checkpoint_provenance, self_generate
+from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, Rule, check_rules
 from eu_jax.train.config import config_to_json
 from eu_jax.train.identity import params_identity, run_identity, saved_run_differences
 from eu_jax.train.loop import train
@@ -97,17 +98,26 @@ class WorkflowData:
     forget: dict[str, Path]  # FORGET_SPLITS -> jsonl
 
 
+def _selfgen_config(section: ConfigDict, retain_path: str | None) -> SelfGenConfig:
+    """The self-generation of `workflow.selfgen`, its sizes summed; a bad setting named as the user sets it."""
+    check_rules(section, [(split, *AT_LEAST_ONE) for split in FORGET_SPLITS], "config.workflow.selfgen")
+    try:
+        return SelfGenConfig(
+            num_samples=sum(section[split] for split in FORGET_SPLITS), user_turns=section.user_turns,
+            max_new_tokens=section.max_new_tokens, max_prompt_tokens=section.max_prompt_tokens,
+            batch_size=section.batch_size, temperature=section.temperature, seed=section.seed,
+            min_chars=section.min_chars, retain_path=retain_path,
+        )
+    except ValueError as err:  # its messages start with the setting (`batch_size=0 must be ...`)
+        raise ValueError(f"config.workflow.selfgen.{err}") from None
+
+
 def prepare_data(config: ConfigDict, base: Path, work: Path) -> WorkflowData:
     """The retain-domain split and the self-generated forget texts (sampled once, reused on reruns)."""
     w = config.workflow
     domain = write_math_domain(MathDomain.from_mapping(w.domain), work / "data" / "retain")
-    s = w.selfgen
-    sizes = {split: s[split] for split in FORGET_SPLITS}
-    gen = SelfGenConfig(
-        num_samples=sum(sizes.values()), user_turns=s.user_turns, max_new_tokens=s.max_new_tokens,
-        max_prompt_tokens=s.max_prompt_tokens, batch_size=s.batch_size, temperature=s.temperature, seed=s.seed,
-        min_chars=s.min_chars, retain_path=str(domain["train"]),  # drop samples that look like the retain domain
-    )
+    sizes = {split: w.selfgen[split] for split in FORGET_SPLITS}
+    gen = _selfgen_config(w.selfgen, retain_path=str(domain["train"]))  # drops samples like the retain domain
     everything = work / "data" / "forget" / "selfgen.jsonl"
     model = EvalModel.load(base, mesh_from_config(config.mesh))
     self_generate(model.decoder(), model.tokenizer, gen, everything, model.mesh, eos_ids=model.eos_ids,
@@ -135,7 +145,7 @@ def method_names(methods: str, presets_dir: str, setting: str, others: Sequence[
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
         raise ValueError(f"config.{setting} names no method")
-    presets = [path.stem for path in Path(presets_dir).glob("*.py")] if presets_dir else []
+    presets = [path.stem for path in Path(presets_dir).glob("*.py") if not path.name.startswith("_")] if presets_dir else []
     available = sorted({"eu", *others, *presets})
     unknown = [name for name in names if name not in available]
     if unknown:
@@ -176,14 +186,23 @@ def validate_before_work(runs: dict[str, ConfigDict]) -> None:
                 raise ConfigError(f"{name}'s training: {err}") from None
 
 
+RELEARN_RULES: tuple[Rule, ...] = (
+    ("steps", *AT_LEAST_ONE), ("learning_rate", *POSITIVE_FINITE), ("eval_every", lambda v: v >= 0, "must be 0 (off) or more"),
+)
+
+
 def check_workflow_settings(config: ConfigDict, methods: Sequence[str], base: Path, relearn: bool = False) -> None:
-    """The evaluation settings and each method's training (and relearning attack) settings of a demo or compare
-    run, checked before its data are made (see `validate_before_work`)."""
+    """The evaluation, self-generation, relearning-attack and each method's training settings of a demo or
+    compare run, checked before its data are made (see `validate_before_work`); the workflow's own sections by
+    their names, so that a training error names a setting the methods share."""
     from eu_jax.eval.relearn import relearn_config
     from eu_jax.eval.suite import check_eval_config
 
     w = config.workflow
     check_eval_config(w.eval, "config.workflow.eval")
+    _selfgen_config(w.selfgen, retain_path=None)
+    if relearn:
+        check_rules(w.relearn, RELEARN_RULES, "config.workflow.relearn")
     runs = {}
     for method in methods:
         runs[method] = with_method(config, method, w.presets_dir)

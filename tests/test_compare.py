@@ -96,17 +96,30 @@ def test_bad_training_settings_stop_the_workflows_before_their_data(tmp_path):
     config.optimizer.learning_rate = 1e-5
     config.workflow.update(methods="eu,npo")
     config.workflow.relearn.steps = 0
-    with pytest.raises(ConfigError, match=r"^eu relearning attack's training: config\.train\.steps: must be at least 1"):
+    with pytest.raises(ValueError, match=r"^config\.workflow\.relearn\.steps=0 must be at least 1"):
+        compare.run(config)
+    config.workflow.relearn.steps = 2
+    config.workflow.selfgen.batch_size = 0
+    with pytest.raises(ValueError, match=r"^config\.workflow\.selfgen\.batch_size=0 must be at least 1"):
         compare.run(config)
     assert not (tmp_path / "work").exists()
     tofu = load_python_file(CONFIGS / "tofu.py").get_config("")
     tofu.model.checkpoint = checkpoint
     tofu.tofu.update(workdir=str(tmp_path / "tofu"), methods="unierase,graddiff")
     tofu.tofu.unierase.edit.l2 = 0.0
-    with pytest.raises(ValueError, match=r"^config\.edit\.l2=0\.0 must be > 0"):
+    with pytest.raises(ValueError, match=r"^config\.tofu\.unierase\.edit\.l2=0\.0 must be > 0"):
         tofu_bench.run(tofu)
     tofu.tofu.unierase.edit.l2 = 1.0
-    tofu.tofu.unlearn.steps = 0
-    with pytest.raises(ConfigError, match=r"^graddiff's training: config\.train\.steps: must be at least 1"):
+    tofu.tofu.finetune.learning_rate = -1.0  # was read as "the preset's rate"
+    with pytest.raises(ValueError, match=r"^config\.tofu\.finetune\.learning_rate=-1\.0 must be a positive finite number"):
+        tofu_bench.run(tofu)
+    tofu.tofu.finetune.learning_rate = 1e-4
+    tofu.tofu.update(methods="eu")
+    tofu.tofu.selfgen.samples = 0
+    with pytest.raises(ValueError, match=r"^config\.tofu\.selfgen\.samples=0 must be at least 1"):
+        tofu_bench.run(tofu)
+    tofu.tofu.selfgen.samples = 8
+    tofu.optimizer.b1 = 1.0  # a setting every training shares: named as the user sets it
+    with pytest.raises(ConfigError, match=r"^target's training: config\.optimizer\.b1: must be within \[0, 1\)"):
         tofu_bench.run(tofu)
     assert not (tmp_path / "tofu" / "runs").exists()

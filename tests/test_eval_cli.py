@@ -109,6 +109,14 @@ def test_eval_settings_are_checked_by_name(key, value, message):
         check_eval_config(config)
 
 
+def test_the_settings_of_disabled_sections_are_not_checked():
+    config = get_eval_config()
+    config.probes.update(enabled=False, max_new_tokens=0)
+    config.harmful.update(enabled=False, per_set=0, sets="nope")
+    config.judge.perplexity_quantile = 0.0  # the judge serves the harmful section alone
+    check_eval_config(config)
+
+
 def test_unknown_jailbreak_templates_are_named_by_setting():
     config = get_eval_config()
     config.harmful.templates = "raw,STAN,NoSuchTemplate"

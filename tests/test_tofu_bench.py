@@ -49,6 +49,27 @@ def test_a_stage_resumed_after_an_interruption_reports_its_whole_time(tmp_path, 
     assert json.loads((tmp_path / "minutes.json").read_text()) == {"eu": 10.0}
 
 
+def test_a_stage_interrupted_before_its_run_began_keeps_its_minutes(tmp_path, monkeypatch):
+    """EU's stage samples its forget texts before runs/eu exists; a finished time whose run was deleted by hand
+    is dropped instead."""
+    now = iter([0.0, 600.0, 1000.0, 1060.0, 2000.0, 2030.0])
+    monkeypatch.setattr(tofu_bench.time, "perf_counter", lambda: next(now))
+    bench = tofu_bench.TofuBench.__new__(tofu_bench.TofuBench)  # only the work folder and the clock are used
+    bench.work, bench.clock = tmp_path, tofu_bench.StageClock(tmp_path / "minutes.json")
+
+    def interrupted_while_sampling():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        bench._timed("eu", interrupted_while_sampling)
+    (tmp_path / "runs" / "eu").mkdir(parents=True)
+    bench._timed("eu", lambda: "trained")
+    assert bench.clock.get("eu") == 11.0  # 10 minutes sampling, then 1 to train
+    (tmp_path / "runs" / "eu").rmdir()
+    bench._timed("eu", lambda: "trained again")
+    assert bench.clock.get("eu") == 0.5
+
+
 def test_the_benchmark_runs_every_stage_and_reuses_them(tmp_path, capsys):
     config = tofu_config()
     config.model.checkpoint = str(make_chat_checkpoint(tmp_path))

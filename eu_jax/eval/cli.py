@@ -12,12 +12,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
 from eu_jax.flag_parsing import run_config_command
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config (see configs/eval.py)", lock_config=True)
-
 
 def evaluate(config: ConfigDict) -> Path:
     import jax
@@ -70,7 +67,7 @@ def _evaluate(config: ConfigDict) -> int:
 def main() -> None:
     from eu_jax.data import DataError
 
-    run_config_command("eu-eval", _CONFIG, _evaluate, (DataError, ValueError, OSError))
+    run_config_command("eu-eval", "evaluation config (see configs/eval.py)", _evaluate, (DataError, ValueError, OSError))
 
 
 if __name__ == "__main__":

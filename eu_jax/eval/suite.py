@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 
@@ -31,6 +31,7 @@ from eu_jax.eval.judge import Judge, OfflineJudge, attack_success_rates, calibra
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.probes import load_probes
 from eu_jax.eval.scoring import response_scores, score_records
+from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, Rule, check_rules
 
 SAMPLES_KEPT = 8  # example generations stored per section, for reports
 
@@ -75,20 +76,23 @@ def get_command_config() -> ConfigDict:
     )
 
 
-# (setting, test, what the setting must be): the range and choice checks of an `eval` section.
-_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("batch_size", lambda v: v >= 1, "must be at least 1"),
+# The range and choice checks of an `eval` section: those of every run, and those of the sections that run only
+# when enabled (the judge serves the harmful section alone).
+_RULES: tuple[Rule, ...] = (
+    ("batch_size", *AT_LEAST_ONE),
     ("retain.kind", lambda v: v in ANSWER_KINDS, f"must be one of {ANSWER_KINDS}"),
     ("retain.max_examples", lambda v: v >= 0, "must be 0 (all) or more"),
-    ("retain.max_new_tokens", lambda v: v >= 1, "must be at least 1"),
+    ("retain.max_new_tokens", *AT_LEAST_ONE),
     ("forget_texts.max_examples", lambda v: v >= 0, "must be 0 (all) or more"),
-    ("probes.max_new_tokens", lambda v: v >= 1, "must be at least 1"),
-    ("harmful.per_set", lambda v: v >= 1, "must be at least 1"),
-    ("harmful.max_new_tokens", lambda v: v >= 1, "must be at least 1"),
+)
+_PROBE_RULES: tuple[Rule, ...] = (("probes.max_new_tokens", *AT_LEAST_ONE),)
+_HARMFUL_RULES: tuple[Rule, ...] = (
+    ("harmful.per_set", *AT_LEAST_ONE),
+    ("harmful.max_new_tokens", *AT_LEAST_ONE),
     ("judge.max_perplexity", lambda v: math.isfinite(v) and v >= 0,
      "must be 0 (calibrated on the base model) or a positive finite number"),
     ("judge.perplexity_quantile", lambda v: 0 < v <= 1, "must lie in (0, 1]"),
-    ("judge.perplexity_margin", lambda v: math.isfinite(v) and v > 0, "must be a positive finite number"),
+    ("judge.perplexity_margin", *POSITIVE_FINITE),
     ("judge.min_similarity", lambda v: -1 <= v <= 1, "is a cosine similarity and must lie in [-1, 1]"),
 )
 
@@ -96,22 +100,16 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 def check_eval_config(config: ConfigDict, where: str = "config.eval") -> None:
     """Refuse a bad `eval` setting by its name (`where`.key) before any data or model loads: a batch size of 0
     would otherwise stop the run at its first batch as "range() arg 3 must not be zero", and an unknown answer
-    kind only after the retain answers were generated."""
-    for key, test, requirement in _RULES:
-        value = _setting(config, key)
-        if not test(value):
-            raise ValueError(f"{where}.{key}={value!r} {requirement}")
+    kind only after the retain answers were generated. A disabled section's settings are not checked."""
+    check_rules(config, _RULES, where)
+    if config.probes.enabled:
+        check_rules(config, _PROBE_RULES, where)
     if config.harmful.enabled:
+        check_rules(config, _HARMFUL_RULES, where)
         _check_names(config.harmful.sets, f"{where}.harmful.sets", "prompt set", list(SETS))
         templates = [t for t in _split(config.harmful.templates) if t != RAW]
         if templates:
             _check_names(",".join(templates), f"{where}.harmful.templates", "jailbreak template", available_templates())
-
-
-def _setting(config: ConfigDict, key: str) -> Any:
-    for part in key.split("."):
-        config = config[part]
-    return config
 
 
 def _check_names(text: str, name: str, what: str, available: list[str]) -> None:

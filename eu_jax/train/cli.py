@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from ml_collections import config_flags
-
 from eu_jax.flag_parsing import run_config_command
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "an ml_collections config file (see configs/)", lock_config=True)
 
 
 def _train(config) -> int:
@@ -25,7 +21,7 @@ def main() -> None:
     from eu_jax.train.config import ConfigError
     from eu_jax.train.loop import TrainingDiverged
 
-    run_config_command("eu-train", _CONFIG, _train, (ConfigError, TrainingDiverged, OSError, ValueError))
+    run_config_command("eu-train", "an ml_collections config file (see configs/)", _train, (ConfigError, TrainingDiverged, OSError, ValueError))
 
 
 if __name__ == "__main__":

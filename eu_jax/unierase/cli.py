@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from ml_collections import config_flags
-
 from eu_jax.flag_parsing import run_config_command
 
 
@@ -20,8 +18,7 @@ def _run(config) -> int:
 def main() -> None:
     from eu_jax.data import DataError
 
-    config = config_flags.DEFINE_config_file("config", None, "UniErase config (see configs/unierase.py)", lock_config=True)
-    run_config_command("eu-unierase", config, _run, (DataError, ValueError, OSError))
+    run_config_command("eu-unierase", "UniErase config (see configs/unierase.py)", _run, (DataError, ValueError, OSError))
 
 
 if __name__ == "__main__":

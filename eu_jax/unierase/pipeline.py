@@ -38,7 +38,7 @@ from eu_jax.unierase.covariance import cached_key_second_moments, checkpoint_fin
 from eu_jax.unierase.edit import Editor, check_edit_config, get_edit_config, load_edit_state, sample_context_prefixes, save_edit_state
 from eu_jax.unierase.requests import EditRequest
 from eu_jax.unierase.idk_bank import load_phrases
-from eu_jax.unierase.token_training import get_token_config, token_records, train_unlearning_token
+from eu_jax.unierase.token_training import check_token_training, get_token_config, token_records, train_unlearning_token
 from eu_jax.unierase.vocab import VocabError, add_unlearning_token
 
 RESULTS_FILE = "unierase.json"
@@ -243,11 +243,16 @@ def check_settings(config: ConfigDict) -> list[int]:
     nothing, are checked: each refusal is one sentence naming its setting."""
     if not config.token.name.strip():
         raise ValueError("config.token.name is empty: name the unlearning token to add (e.g. <unlearn_0>)")
-    num_layers = load_model_meta(Path(config.checkpoint)).config.num_layers
+    check_token_training(config.token.training, "config.token.training")
+    return check_edit_settings(config.edit, load_model_meta(Path(config.checkpoint)).config.num_layers, "config.edit")
+
+
+def check_edit_settings(edit: ConfigDict, num_layers: int, where: str) -> list[int]:
+    """`check_edit_config`, its refusal naming the setting as the user sets it (`where`.key)."""
     try:
-        return check_edit_config(config.edit, num_layers)
+        return check_edit_config(edit, num_layers)
     except ValueError as err:
-        raise ValueError(f"config.edit.{err}") from None
+        raise ValueError(f"{where}.{err}") from None
 
 
 def run_unierase(config: ConfigDict) -> Path:

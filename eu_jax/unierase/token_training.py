@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +30,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
+
+from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, SEED, Rule, check_rules
 
 from eu_jax.convert.checkpoint import (
     HF_FILES_DIR,
@@ -83,6 +86,24 @@ def get_token_config() -> ConfigDict:
             "mesh": {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1},
         }
     )
+
+
+_PHASES = ("raw", "mixed", "robust")
+TRAINING_RULES: tuple[Rule, ...] = (
+    ("batch_size", *AT_LEAST_ONE),
+    ("max_length", lambda v: v >= 2, "must be at least 2"),
+    ("seed", *SEED),
+    ("log_every", *AT_LEAST_ONE),
+    ("chunk_tokens", *AT_LEAST_ONE),
+    *((f"{phase}.steps", lambda v: v >= 0, "must be 0 (the phase skipped) or more") for phase in _PHASES),
+    *((f"{phase}.learning_rate", *POSITIVE_FINITE) for phase in _PHASES),
+    ("robust.noise_scale", lambda v: 0 <= v < math.inf, "must be 0 or a positive finite number"),
+)
+
+
+def check_token_training(training: ConfigDict, where: str) -> None:
+    """Refuse a token-training setting that cannot work, named as the user sets it (`where`), before any work."""
+    check_rules(training, TRAINING_RULES, where)
 
 
 def _log(message: str) -> None:
