@@ -46,7 +46,7 @@ def test_held_out_nll_matches_pytorch_over_padded_micro_batch_forwards(tmp_path,
     rows_per_forward = []
 
     def recording(*args, **kwargs):  # the rows one training forward runs: 2 + 2 (not the batch's 8 per half)
-        rows_per_forward.append(args[4])
+        rows_per_forward.append(args[3])
         return make_nll_eval(*args, **kwargs)
 
     monkeypatch.setattr(loop, "make_nll_eval", recording)
