@@ -58,6 +58,27 @@ def localize_path_settings(config: Any, where: str = "config") -> None:
                 config[key] = local
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """`path` or its nearest existing ancestor when that is not a folder: what stops `path` being made as a
+    folder or written under (None when nothing does)."""
+    path = Path(path).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return None if existing is None or existing.is_dir() else existing
+
+
+def require_new_folder(path: Path, setting: str) -> None:
+    """Refuse, before any work, an output folder that is (or lies under) a file or is a folder that is not
+    empty, naming `setting`: nothing already saved there is overwritten or mixed with the new output."""
+    path = Path(path)
+    blocking = file_in_the_way(path)
+    if blocking is not None:
+        where = "is an existing file" if blocking == path.absolute() else f"lies under {blocking}, which is a file"
+        raise FileExistsError(f"{setting}: {path} {where}; give a new or empty folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise FileExistsError(f"{setting}: {path} is a folder that is not empty; give a new or empty folder, so "
+                              "nothing saved there is overwritten")
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write text under a temporary name (this process's own), then rename: a reader never sees a half-written
     file, and a write cut short leaves the old one whole."""

@@ -43,7 +43,7 @@ import numpy as np
 
 import eu_jax
 from eu_jax.compile_cache import enable_compilation_cache
-from eu_jax.files import local_path, not_url, write_json_atomic
+from eu_jax.files import local_path, not_url, require_new_folder, write_json_atomic
 from eu_jax.generate import SamplingConfig, generate
 
 UserTurns = Literal["empty", "generic", "seeds", "self"]
@@ -612,16 +612,6 @@ def merge_shards(
     return out
 
 
-def check_arrow_target(out_dir: Path) -> None:
-    """Refuse an existing file or a non-empty folder for --arrow before any sampling: `save_to_disk` would
-    replace a saved dataset there (or mix its files into the folder's) after the sampling's minutes."""
-    if out_dir.is_file():
-        raise SelfGenError(f"--arrow {out_dir} is an existing file; give a new or empty folder for the datasets copy")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise SelfGenError(f"--arrow {out_dir} is a folder that is not empty; give a new or empty folder, so "
-                           "nothing saved there is overwritten")
-
-
 def save_arrow(jsonl_path: Path, out_dir: Path) -> None:
     """The JSONL samples as a `datasets` folder (`Dataset.save_to_disk`), which the pipeline also reads."""
     import datasets
@@ -679,7 +669,7 @@ def run(args: argparse.Namespace) -> SelfGenReport:
     initialize_distributed()  # several processes: from JAX_* / SLURM variables or a TPU pod; else a no-op
 
     if args.arrow is not None:
-        check_arrow_target(args.arrow)
+        require_new_folder(args.arrow, "--arrow")  # before sampling: `save_to_disk` would replace what is there
     seeds = () if args.seed_instructions is None else read_seed_instructions(args.seed_instructions)
     if args.user_turns == "seeds" and args.seed_instructions is None:
         raise SelfGenError("--user-turns seeds needs --seed-instructions FILE")

@@ -111,7 +111,7 @@ def test_existing_output_is_never_overwritten(hf_dir, tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+    with pytest.raises(FileExistsError, match="is a folder that is not empty"):
         import_checkpoint(hf_dir, out, progress=False)
     assert (out / "precious.txt").read_text() == "keep me"
 

@@ -327,7 +327,7 @@ def test_cli_refuses_an_existing_arrow_target_before_anything_loads(tmp_path, ca
     # A missing checkpoint: the error names --arrow only if the target is checked before the model loads.
     assert main([str(tmp_path / "nope"), str(tmp_path / "o.jsonl"), "--num-samples", "3", "--arrow", str(arrow)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"eu-selfgen: error: --arrow {arrow} is ")
+    assert err.count("\n") == 1 and err.startswith(f"eu-selfgen: error: --arrow: {arrow} is ")
     assert {p: p.read_bytes() for p in [arrow, *arrow.rglob("*")] if p.is_file()} == before
 
 

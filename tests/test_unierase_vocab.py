@@ -156,5 +156,5 @@ def test_bad_requests_fail_clearly_and_write_nothing(source, grown, tmp_path):
     with pytest.raises(VocabError, match=r"init='ab' is neither 'mean' nor a single token .* encodes to 2 tokens"):
         add_unlearning_token(src, tmp_path / "c", init="ab")
     assert not any((tmp_path / name).exists() for name in "abc")
-    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+    with pytest.raises(FileExistsError, match="is a folder that is not empty"):
         add_unlearning_token(src, grown[1])

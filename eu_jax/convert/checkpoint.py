@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from eu_jax.files import require_new_folder
 from eu_jax.models.config import ModelConfig
 from eu_jax.models.state import Params, abstract_params
 from eu_jax.tree_paths import get_path, set_path
@@ -83,9 +84,8 @@ def read_model_meta(directory: Path) -> ModelMeta:
 
 
 def ensure_new_output(out: Path) -> None:
-    """Refuse to write into a non-empty directory, so nothing already saved is overwritten."""
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} already exists and is not empty; choose a new path")
+    """Refuse to write into a non-empty directory (or over a file), so nothing already saved is overwritten."""
+    require_new_folder(out, "output directory")
 
 
 def save_params_checkpoint(out: Path, params: Params, meta: ModelMeta, hf_files: Path | None = None) -> Path:

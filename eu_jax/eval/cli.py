@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
+from eu_jax.files import file_in_the_way
 from eu_jax.flag_parsing import run_config_command
 
 def evaluate(config: ConfigDict) -> Path:
@@ -54,7 +55,7 @@ def check_results_path(output: Path) -> None:
     are not spent on results that cannot be saved."""
     if output.is_dir():
         raise ValueError(f"config.output: {output} is an existing folder; give the results file's path, e.g. {output / 'eval.json'}")
-    blocking = next((parent for parent in output.absolute().parents if parent.exists() and not parent.is_dir()), None)
+    blocking = file_in_the_way(output.parent)
     if blocking is not None:
         raise ValueError(f"config.output: {output} lies under {blocking}, which is a file, not a folder")
 

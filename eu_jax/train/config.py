@@ -17,6 +17,8 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from eu_jax.files import file_in_the_way
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -265,8 +267,8 @@ def _validate_train(config: ConfigDict) -> None:
     train = config.train
     _require(train.steps >= 1, "train.steps", "must be at least 1")
     _require(bool(train.output_dir), "train.output_dir", "is required")
-    existing = _nearest_existing(Path(train.output_dir))
-    _require(existing.is_dir(), "train.output_dir", f"'{existing}' is not a folder")
+    blocking = file_in_the_way(Path(train.output_dir))
+    _require(blocking is None, "train.output_dir", f"'{blocking}' is not a folder")
     _require(train.log_every >= 1, "train.log_every", "must be at least 1 (log every this many steps)")
     for key in ("eval_every", "save_every"):
         _require(train[key] >= 0, f"train.{key}", "must be 0 (off) or a positive number of steps")
@@ -289,12 +291,6 @@ def _validate_train(config: ConfigDict) -> None:
             f"train.{key}",
             "needs train.eval_every > 0: it acts on evaluations, and without them it would be ignored",
         )
-
-
-def _nearest_existing(path: Path) -> Path:
-    """`path` or its nearest ancestor that exists: where creating the folder would start."""
-    path = path.absolute()
-    return next(folder for folder in (path, *path.parents) if folder.exists())
 
 
 def _validate_mesh(config: ConfigDict) -> None:
