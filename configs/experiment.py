@@ -25,7 +25,9 @@ DEFAULTS = {"model": "smollm2_135m", "method": "eu", "hardware": "cpu"}
 
 def available(kind: str) -> list[str]:
     """Preset names of `kind` ("model", "method" or "hardware"): the .py files in its folder."""
-    return sorted(p.stem for p in (CONFIGS / PRESET_DIRS[kind]).glob("*.py") if not p.stem.startswith("_"))
+    from eu_jax.files import preset_names
+
+    return preset_names(CONFIGS / PRESET_DIRS[kind])
 
 
 def parse_spec(spec: str) -> dict[str, str]:

@@ -58,6 +58,11 @@ def localize_path_settings(config: Any, where: str = "config") -> None:
                 config[key] = local
 
 
+def preset_names(folder: Path) -> list[str]:
+    """The presets a folder of config files offers: its .py files' names, `_`-prefixed helpers left out."""
+    return sorted(path.stem for path in Path(folder).glob("*.py") if not path.stem.startswith("_"))
+
+
 def file_in_the_way(path: Path) -> Path | None:
     """`path` or its nearest existing ancestor when that is not a folder: what stops `path` being made as a
     folder or written under (None when nothing does)."""

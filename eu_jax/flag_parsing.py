@@ -54,14 +54,11 @@ def _one_line_reason(err: BaseException, path: str) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def one_line_errors(program: str, config_flag: Any) -> Callable[[list[str]], list[str]]:
-    """A `flags_parser` for `absl.app.run` that reports flag errors, and the errors of the file `config_flag`
-    (a DEFINE_config_file holder) loads, as `program: error: ...`, exit 2."""
+def one_line_errors(program: str) -> Callable[[list[str]], list[str]]:
+    """A `flags_parser` for `absl.app.run` that reports flag errors (the config file's too, through
+    `_OneLineConfigFileParser`) as `program: error: ...`, exit 2."""
 
     def parse(argv: list[str]) -> list[str]:
-        flag = flags.FLAGS[config_flag.name]
-        if not isinstance(flag.parser, _OneLineConfigFileParser):
-            flag.parser = _OneLineConfigFileParser(flag.parser)
         try:
             return flags.FLAGS(argv)
         except AttributeError as err:  # ml_collections: the key does not exist; its message is a repr
@@ -93,6 +90,8 @@ def run_config_command(
     expanded; a URL such as gs://... refused before anything runs: the commands read and write local paths)."""
 
     config_flag = config_flags.DEFINE_config_file("config", default and str(default), about, lock_config=True)
+    flag = flags.FLAGS[config_flag.name]
+    flag.parser = _OneLineConfigFileParser(flag.parser)
 
     def run(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)
@@ -110,4 +109,4 @@ def run_config_command(
             print(f"{program}: error: {err}", file=sys.stderr)
             return 2
 
-    app.run(run, flags_parser=one_line_errors(program, config_flag))
+    app.run(run, flags_parser=one_line_errors(program))

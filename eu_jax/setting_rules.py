@@ -12,9 +12,13 @@ from typing import Any, Callable, Sequence
 Rule = tuple[str, Callable[[Any], bool], str]
 
 AT_LEAST_ONE: tuple[Callable[[Any], bool], str] = (lambda v: v >= 1, "must be at least 1")
-ZERO_OR_MORE: tuple[Callable[[Any], bool], str] = (lambda v: v >= 0, "must be 0 or more")
 POSITIVE_FINITE: tuple[Callable[[Any], bool], str] = (lambda v: 0 < v < math.inf, "must be a positive finite number")
 SEED: tuple[Callable[[Any], bool], str] = (lambda v: 0 <= v < 2**32, "must be in [0, 2**32 - 1]")
+
+
+def zero_or_more(meaning: str) -> tuple[Callable[[Any], bool], str]:
+    """The rule of a count where 0 has a `meaning` of its own ("all", "off", ...)."""
+    return (lambda v: v >= 0, f"must be 0 ({meaning}) or more")
 
 
 def setting(section: Any, key: str) -> Any:

@@ -30,7 +30,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from eu_jax.flag_parsing import run_config_command
-from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, Rule, check_rules
+from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, Rule, check_rules, zero_or_more
 
 if TYPE_CHECKING:
     from eu_jax.selfgen import SelfGenConfig
@@ -95,7 +95,7 @@ _SECTION_RULES: dict[str, tuple[Rule, ...]] = {
     "finetune": (("steps", *AT_LEAST_ONE), ("learning_rate", *POSITIVE_FINITE)),
     "unlearn": (("steps", *AT_LEAST_ONE),
                 ("learning_rate", lambda v: 0 <= v < math.inf, "must be 0 (the model preset's) or a positive finite number")),
-    "eval": (("max_new_tokens", *AT_LEAST_ONE), ("batch_size", *AT_LEAST_ONE), ("max_items", lambda v: v >= 0, "must be 0 (all) or more")),
+    "eval": (("max_new_tokens", *AT_LEAST_ONE), ("batch_size", *AT_LEAST_ONE), ("max_items", *zero_or_more("all"))),
 }
 
 
@@ -226,11 +226,12 @@ class TofuBench:
         from eu_jax.selfgen import SelfGenConfig
 
         s = self.t.selfgen
+        check_rules(s, [("samples", *AT_LEAST_ONE)], "config.tofu.selfgen")  # SelfGenConfig calls it num_samples
         try:
             return SelfGenConfig(num_samples=s.samples, user_turns="self", max_new_tokens=s.max_new_tokens,
                                  batch_size=s.batch_size, seed=s.seed, retain_path=str(self.files["retain"]))
-        except ValueError as err:  # its messages start with the setting, `samples` under its own name
-            raise ValueError(f"config.tofu.selfgen.{str(err).replace('num_samples=', 'samples=', 1)}") from None
+        except ValueError as err:  # its messages start with the setting
+            raise ValueError(f"config.tofu.selfgen.{err}") from None
 
     def unlearn(self, method: str, target: Path) -> Path:
         if method == "unierase":

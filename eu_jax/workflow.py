@@ -20,16 +20,16 @@ from typing import Any, Sequence
 from ml_collections import ConfigDict
 
 from eu_jax.assets import cache_dir, fetch_smollm2
-from eu_jax.convert.checkpoint import FORMAT_VERSION, MODEL_META_FILE
+from eu_jax.convert.checkpoint import FORMAT_VERSION, MODEL_META_FILE, RUN_CHECKPOINTS_DIR
 from eu_jax.data import DataSpec, content_fingerprint
 from eu_jax.data.domains import MathDomain, write_math_domain
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.sentence_encoder import SentenceEncoder, fetch_minilm
 from eu_jax.eval.suite import EvalSuite, get_eval_config
-from eu_jax.files import load_python_file, write_json_atomic
+from eu_jax.files import load_python_file, preset_names, write_json_atomic
 from eu_jax.parallel.mesh import mesh_from_config
 from eu_jax.selfgen import SelfGenConfig, checkpoint_provenance, self_generate
-from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, Rule, check_rules
+from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, Rule, check_rules, zero_or_more
 from eu_jax.train.config import config_to_json
 from eu_jax.train.identity import params_identity, run_identity, saved_run_differences
 from eu_jax.train.loop import train
@@ -145,7 +145,7 @@ def method_names(methods: str, presets_dir: str, setting: str, others: Sequence[
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
         raise ValueError(f"config.{setting} names no method")
-    presets = [path.stem for path in Path(presets_dir).glob("*.py") if not path.name.startswith("_")] if presets_dir else []
+    presets = preset_names(presets_dir) if presets_dir else []
     available = sorted({"eu", *others, *presets})
     unknown = [name for name in names if name not in available]
     if unknown:
@@ -187,7 +187,7 @@ def validate_before_work(runs: dict[str, ConfigDict]) -> None:
 
 
 RELEARN_RULES: tuple[Rule, ...] = (
-    ("steps", *AT_LEAST_ONE), ("learning_rate", *POSITIVE_FINITE), ("eval_every", lambda v: v >= 0, "must be 0 (off) or more"),
+    ("steps", *AT_LEAST_ONE), ("learning_rate", *POSITIVE_FINITE), ("eval_every", *zero_or_more("off")),
 )
 
 
@@ -203,13 +203,16 @@ def check_workflow_settings(config: ConfigDict, methods: Sequence[str], base: Pa
     _selfgen_config(w.selfgen, retain_path=None)
     if relearn:
         check_rules(w.relearn, RELEARN_RULES, "config.workflow.relearn")
+    # Built as the workflow builds them (`method_config`, `relearn_config`), on data not made yet: the paths
+    # here are never read, `validate_before_work` puts placeholders in their place.
+    unmade = WorkflowData(Path(), Path(), {split: Path() for split in FORGET_SPLITS})
     runs = {}
     for method in methods:
-        runs[method] = with_method(config, method, w.presets_dir)
-        runs[method].model.checkpoint = str(base)
+        runs[method] = method_config(config, method, base, unmade, Path())
         if relearn:
-            attack = relearn_config(runs[method], base, "", w.relearn.steps, w.relearn.learning_rate, "", w.relearn.eval_every)
-            runs[f"{method} relearning attack"] = attack
+            runs[f"{method} relearning attack"] = relearn_config(
+                runs[method], base, "", w.relearn.steps, w.relearn.learning_rate, "", w.relearn.eval_every
+            )
     validate_before_work(runs)
 
 
@@ -251,7 +254,7 @@ def train_once(run_config: ConfigDict, eval_fn=None) -> Path:
 def train_unless_finished(run_config: ConfigDict, eval_fn=None) -> Path:
     """`train_once` for a run folder already checked by `discard_stale_run`. Raises TrainingPreempted when
     the training stops for preemption."""
-    checkpoints = Path(run_config.train.output_dir) / "checkpoints"
+    checkpoints = Path(run_config.train.output_dir) / RUN_CHECKPOINTS_DIR
     steps = run_config.train.steps
     if not (checkpoints / str(steps)).is_dir():
         result = train(run_config, eval_fn=eval_fn)

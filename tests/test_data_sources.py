@@ -219,7 +219,7 @@ def test_hub_name_offline_is_a_clear_error(monkeypatch):
     _fails(DataSpec("someone/some-dataset"), r"someone/some-dataset: not a local file or folder, and the Hugging Face hub could not provide it")
 
 
-def test_content_fingerprint_follows_the_bytes_wherever_the_file_lies(tmp_path):
+def test_content_fingerprint_follows_the_bytes_wherever_the_file_lies(tmp_path, monkeypatch):
     """Files are hashed once per process while their size and modification time stay: a rewrite of the same
     length (a later modification time) is hashed again, and a copy elsewhere has the same fingerprint."""
     import hashlib
@@ -230,6 +230,10 @@ def test_content_fingerprint_follows_the_bytes_wherever_the_file_lies(tmp_path):
     data.write_text('{"text": "one"}\n')
     first = content_fingerprint(DataSpec(str(data)))
     assert first == {"files": [hashlib.sha256(data.read_bytes()).hexdigest()]}
+    hashed = []
+    monkeypatch.setattr(hashlib, "file_digest", lambda *args: hashed.append(args) or pytest.fail("hashed again"))
+    assert content_fingerprint(DataSpec(str(data))) == first and not hashed  # unchanged: not read again
+    monkeypatch.undo()
     (tmp_path / "copy").mkdir()
     assert content_fingerprint(DataSpec(str(shutil.copy(data, tmp_path / "copy" / "b.jsonl")))) == first
     before = data.stat().st_mtime_ns

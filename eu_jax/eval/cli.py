@@ -66,9 +66,7 @@ def _evaluate(config: ConfigDict) -> int:
 
 
 def main() -> None:
-    from eu_jax.data import DataError
-
-    run_config_command("eu-eval", "evaluation config (see configs/eval.py)", _evaluate, (DataError, ValueError, OSError))
+    run_config_command("eu-eval", "evaluation config (see configs/eval.py)", _evaluate)  # DataError is a ValueError
 
 
 if __name__ == "__main__":

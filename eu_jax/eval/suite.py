@@ -31,7 +31,7 @@ from eu_jax.eval.judge import Judge, OfflineJudge, attack_success_rates, calibra
 from eu_jax.eval.model import EvalModel
 from eu_jax.eval.probes import load_probes
 from eu_jax.eval.scoring import response_scores, score_records
-from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, Rule, check_rules
+from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, Rule, check_rules, zero_or_more
 
 SAMPLES_KEPT = 8  # example generations stored per section, for reports
 
@@ -81,9 +81,9 @@ def get_command_config() -> ConfigDict:
 _RULES: tuple[Rule, ...] = (
     ("batch_size", *AT_LEAST_ONE),
     ("retain.kind", lambda v: v in ANSWER_KINDS, f"must be one of {ANSWER_KINDS}"),
-    ("retain.max_examples", lambda v: v >= 0, "must be 0 (all) or more"),
+    ("retain.max_examples", *zero_or_more("all")),
     ("retain.max_new_tokens", *AT_LEAST_ONE),
-    ("forget_texts.max_examples", lambda v: v >= 0, "must be 0 (all) or more"),
+    ("forget_texts.max_examples", *zero_or_more("all")),
 )
 _PROBE_RULES: tuple[Rule, ...] = (("probes.max_new_tokens", *AT_LEAST_ONE),)
 _HARMFUL_RULES: tuple[Rule, ...] = (

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from eu_jax.convert.checkpoint import HF_FILES_DIR, ModelMeta, write_model_meta
+from eu_jax.convert.checkpoint import HF_FILES_DIR, RUN_CHECKPOINTS_DIR, ModelMeta, write_model_meta
 from eu_jax.data.batches import allgather_json
 from eu_jax.train.config import ConfigError
 from eu_jax.train.state import TrainState
@@ -93,7 +93,7 @@ class RunCheckpoints:
     ):
         """`keep_best` (train.best_metric set) makes best/: without it the folder would hold no params, and
         `eu-convert export` would refuse it as no checkpoint."""
-        self.directory = Path(output_dir).absolute() / "checkpoints"
+        self.directory = Path(output_dir).absolute() / RUN_CHECKPOINTS_DIR
         self.unrestorable: set[int] = set()  # steps restore_latest skipped as damaged
         self.best_directory = Path(output_dir).absolute() / "best"
         self.manager = self._manager(self.directory, meta, hf_files, (STATE_ITEM, *JSON_ITEMS), keep, use_async)

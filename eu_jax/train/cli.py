@@ -18,10 +18,10 @@ def _train(config) -> int:
 
 
 def main() -> None:
-    from eu_jax.train.config import ConfigError
     from eu_jax.train.loop import TrainingDiverged
 
-    run_config_command("eu-train", "an ml_collections config file (see configs/)", _train, (ConfigError, TrainingDiverged, OSError, ValueError))
+    # ConfigError and DataError are ValueErrors.
+    run_config_command("eu-train", "an ml_collections config file (see configs/)", _train, (ValueError, OSError, TrainingDiverged))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
-from eu_jax.convert.checkpoint import TRAIN_STATE_ITEM, latest_step_dir, params_source
+from eu_jax.convert.checkpoint import RUN_CHECKPOINTS_DIR, TRAIN_STATE_ITEM, latest_step_dir, params_source
 from eu_jax.data import DataSpec, content_fingerprint
 from eu_jax.data.cache import digest
 from eu_jax.objectives.base import KINDS as HALVES  # the batch halves are named as the terms' kinds
@@ -119,7 +119,7 @@ def describe_differences(differences: list[str]) -> str:
 def saved_run_differences(output_dir: str | Path, identity: dict[str, Any]) -> tuple[int, str] | None:
     """(step, the differences) when the newest checkpoint under `output_dir` was trained with another identity;
     None when there is no checkpoint, it matches, or it was written before identities were kept."""
-    checkpoints = Path(output_dir) / "checkpoints"
+    checkpoints = Path(output_dir) / RUN_CHECKPOINTS_DIR
     step_dir = latest_step_dir(checkpoints) if checkpoints.is_dir() else None
     saved = None if step_dir is None else saved_identity(step_dir)
     if saved is None:

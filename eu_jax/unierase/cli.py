@@ -16,9 +16,7 @@ def _run(config) -> int:
 
 
 def main() -> None:
-    from eu_jax.data import DataError
-
-    run_config_command("eu-unierase", "UniErase config (see configs/unierase.py)", _run, (DataError, ValueError, OSError))
+    run_config_command("eu-unierase", "UniErase config (see configs/unierase.py)", _run)  # DataError is a ValueError
 
 
 if __name__ == "__main__":

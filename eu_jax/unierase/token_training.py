@@ -31,7 +31,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, SEED, Rule, check_rules
+from eu_jax.setting_rules import AT_LEAST_ONE, POSITIVE_FINITE, SEED, Rule, check_rules, zero_or_more
 
 from eu_jax.convert.checkpoint import (
     HF_FILES_DIR,
@@ -95,7 +95,7 @@ TRAINING_RULES: tuple[Rule, ...] = (
     ("seed", *SEED),
     ("log_every", *AT_LEAST_ONE),
     ("chunk_tokens", *AT_LEAST_ONE),
-    *((f"{phase}.steps", lambda v: v >= 0, "must be 0 (the phase skipped) or more") for phase in _PHASES),
+    *((f"{phase}.steps", *zero_or_more("the phase skipped")) for phase in _PHASES),
     *((f"{phase}.learning_rate", *POSITIVE_FINITE) for phase in _PHASES),
     ("robust.noise_scale", lambda v: 0 <= v < math.inf, "must be 0 or a positive finite number"),
 )
