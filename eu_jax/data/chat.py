@@ -52,10 +52,15 @@ def use_chat_template(tokenizer: Any, template: str) -> Any:
 
 
 class Encoder:
-    """Encodes records with one tokenizer; probes its BOS/EOS behaviour once."""
+    """Encodes records with one tokenizer; probes its BOS/EOS behaviour once.
 
-    def __init__(self, tokenizer: Any):
+    `score_turn_end=False` leaves the token that closes a reply (its end-of-turn token, or the EOS appended
+    after it) unscored, so the reply's own text is scored alone (the judge's fluency test).
+    """
+
+    def __init__(self, tokenizer: Any, score_turn_end: bool = True):
         self.tokenizer = tokenizer
+        self.score_turn_end = score_turn_end
         self.template = bool(getattr(tokenizer, "chat_template", None))
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -67,7 +72,6 @@ class Encoder:
             if getattr(token, "special", False):
                 specials.add(str(token.content))
         self.specials = sorted((s for s in specials if s), key=len, reverse=True)
-        self._special_ids = ({tokenizer.convert_tokens_to_ids(s) for s in self.specials} | {self.eos_id}) - {None}
         self._offsets = None  # whether the tokenizer returns offset mappings (probed on first use)
 
     # ---- public ------------------------------------------------------------------------------------
@@ -98,16 +102,6 @@ class Encoder:
                 out.append(self._finish(ids, loss, plan.template_bos, plan.eos_loss))
         return out
 
-    def without_closing_special(self, encoded: Encoded) -> Encoded:
-        """`encoded` with its last scored token unscored when that token is special: the end-of-turn token
-        or EOS that closes a scored reply, leaving the reply's own text scored."""
-        scored = np.flatnonzero(encoded.loss)
-        if not len(scored) or int(encoded.ids[scored[-1]]) not in self._special_ids:
-            return encoded
-        loss = encoded.loss.copy()
-        loss[scored[-1]] = 0
-        return Encoded(encoded.ids, loss)
-
     # ---- plans: texts to tokenize and the character spans to score -----------------------------------
 
     def _plan(self, record: Record) -> "_Plan":
@@ -115,7 +109,7 @@ class Encoder:
             return _Plan(record, [(record.text, [(0, len(record.text))])], template_bos=False, eos_loss=1)
         if record.messages is None and not self.template:
             parts = [(record.prompt, []), (record.response, [(0, len(record.response))])]
-            return _Plan(record, parts, template_bos=False, eos_loss=1)
+            return _Plan(record, parts, template_bos=False, eos_loss=int(self.score_turn_end))
         if not self.template:
             raise DataError(f"{record.where}: a 'messages' record needs a chat template, and the tokenizer has none "
                             f"(set data.chat_template to a template file)")
@@ -149,10 +143,11 @@ class Encoder:
             spans.append((len(start_text), len(start_text) + end))
             append_eos = not closed and i == len(messages) - 1
         template_bos = self.bos_text is not None and full.startswith(self.bos_text)
-        return _Plan(record, [(full, spans)], template_bos=template_bos, eos_loss=1 if append_eos else None)
+        return _Plan(record, [(full, spans)], template_bos=template_bos, eos_loss=int(self.score_turn_end) if append_eos else None)
 
     def _turn_end(self, turn: str, content: str) -> tuple[int, bool]:
-        """End of the scored part of a turn's text: after the first special token following the content."""
+        """End of the scored part of a turn's text: after the first special token following the content (before
+        it without `score_turn_end`), and whether there is one."""
         core = content.strip()
         found = turn.find(core) if core else 0
         after = found + len(core) if found >= 0 else 0
@@ -163,7 +158,7 @@ class Encoder:
                 best = (at, len(special))
         if best is None:
             return len(turn), False
-        return best[0] + best[1], True
+        return best[0] + (best[1] if self.score_turn_end else 0), True
 
     # ---- tokens ------------------------------------------------------------------------------------
 

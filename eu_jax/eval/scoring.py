@@ -132,8 +132,4 @@ def response_scores(
     the unlikely end the encoding gives it (the judge's fluency test).
     """
     records = [Record(where=f"response {i}", prompt=p, response=r) for i, (p, r) in enumerate(zip(prompts, responses))]
-    encoder = Encoder(model.tokenizer)
-    encoded = encoder.encode_many(records)
-    if not end_of_turn:
-        encoded = [encoder.without_closing_special(e) for e in encoded]
-    return score_encoded(model, encoded, batch_size)
+    return score_encoded(model, Encoder(model.tokenizer, score_turn_end=end_of_turn).encode_many(records), batch_size)
